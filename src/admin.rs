@@ -1,0 +1,1 @@
+//! `/healthz`, `/readyz`, `/metrics`. (Stub: owned by the proxy work.)

@@ -1,0 +1,1 @@
+//! Offline IAM Credentials + OAuth2 + metadata server. (Stub: owned by the emulator work.)

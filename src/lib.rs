@@ -1,0 +1,27 @@
+//! impersonate-proxy: a forward proxy that replaces the `Authorization` header of requests to
+//! Google APIs with short-lived tokens of impersonated service accounts.
+//!
+//! # Layout
+//!
+//! - [`config`]: the YAML schema, defaults, `validate()` and loading.
+//! - [`routes`]: the compiled route table: host and path patterns and methods → action.
+//! - [`ca`]: the local CA in `certs/`, leaf certificates per SNI name, rustls server configs.
+//! - [`tokens`]: the source credential, the IAM Credentials client, the token cache and refresher.
+//! - [`proxy`]: accept loop, CONNECT, interception or tunnel, request rewrite, upstream client.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`emulator`]: an offline IAM Credentials + OAuth2 + metadata server with Google's semantics.
+
+pub mod admin;
+pub mod ca;
+pub mod config;
+pub mod emulator;
+pub mod proxy;
+pub mod routes;
+pub mod tokens;
+
+/// Install aws-lc-rs as rustls' process-wide provider. Several crates in the tree enable
+/// rustls features, so rustls cannot pick one by itself; every entry point calls this first.
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

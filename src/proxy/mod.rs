@@ -1,0 +1,1 @@
+//! Accept loop, CONNECT, interception, rewrite, upstream. (Stub: owned by the proxy work.)
