@@ -10,11 +10,13 @@
 //! - [`proxy`]: accept loop, CONNECT, interception or tunnel, request rewrite, upstream client.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`emulator`]: an offline IAM Credentials + OAuth2 + metadata server with Google's semantics.
+//! - [`origin`]: a local TLS origin standing in for `*.googleapis.com` (demo, tests, benches).
 
 pub mod admin;
 pub mod ca;
 pub mod config;
 pub mod emulator;
+pub mod origin;
 pub mod proxy;
 pub mod routes;
 pub mod tokens;

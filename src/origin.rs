@@ -1,0 +1,1 @@
+//! A local TLS origin that records what it receives. (Stub: owned by the proxy work.)
