@@ -634,6 +634,15 @@ other_hosts: deny
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let c = Config::from_yaml(include_str!("../config.yaml"), "config.yaml").unwrap();
+        assert_eq!(c.identities.len(), 3);
+        assert_eq!(c.routes.len(), 3);
+        assert_eq!(c.identities["reader"].delegates.len(), 1);
+        assert_eq!(c.identities["jobs"].quota_project.as_deref(), Some("my-project"));
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
