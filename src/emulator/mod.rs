@@ -1,1 +1,228 @@
-//! Offline IAM Credentials + OAuth2 + metadata server. (Stub: owned by the emulator work.)
+//! An offline stand-in for the parts of Google the proxy talks to, with Google's semantics, on
+//! one plain-HTTP port: IAM Credentials v1 (`generateAccessToken`, `generateIdToken`,
+//! `signJwt`, `signBlob`), the OAuth2 token endpoint (`/token`: JWT-bearer and refresh-token
+//! grants), STS (`/v1/token`: token exchange), the metadata server (`/computeMetadata/v1/…`),
+//! tokeninfo (`/tokeninfo`) and a JWKS (`/oauth2/v3/certs`).
+//!
+//! - `policy.rs`: the policy file (who may impersonate whom; test knobs).
+//! - `jwt.rs`: RS256 signing and verification, key files.
+//! - `google.rs`: the endpoints.
+
+mod google;
+pub mod jwt;
+pub mod policy;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use jwt::{new_service_account_key, ServiceAccountKey};
+pub use policy::Policy;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmulatorError {
+    #[error("policy: {0}")]
+    Policy(String),
+    #[error("crypto: {0}")]
+    Crypto(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Calls served, by endpoint, for tests (single-flight, refresh counts).
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub generate_access_token: AtomicU64,
+    pub generate_id_token: AtomicU64,
+    pub sign_jwt: AtomicU64,
+    pub sign_blob: AtomicU64,
+    pub oauth_token: AtomicU64,
+    pub sts_token: AtomicU64,
+    pub metadata_token: AtomicU64,
+    pub tokeninfo: AtomicU64,
+    pub failures_injected: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::SeqCst)
+    }
+}
+
+/// Faults that can be switched at run time.
+#[derive(Default, Debug)]
+pub struct Faults {
+    /// Error rate in millionths, so it fits an atomic.
+    error_ppm: AtomicU64,
+    latency_ms: AtomicU64,
+    burst_429: AtomicU64,
+    down: AtomicBool,
+}
+
+impl Faults {
+    pub fn set_error_rate(&self, rate: f64) {
+        let ppm = (rate.clamp(0.0, 1.0) * 1_000_000.0) as u64;
+        self.error_ppm.store(ppm, Ordering::SeqCst);
+    }
+    pub fn set_latency(&self, d: Duration) {
+        self.latency_ms.store(
+            d.as_millis().min(u128::from(u64::MAX)) as u64,
+            Ordering::SeqCst,
+        );
+    }
+    /// The next `n` calls get 429 RESOURCE_EXHAUSTED.
+    pub fn set_burst_429(&self, n: u64) {
+        self.burst_429.store(n, Ordering::SeqCst);
+    }
+    /// Every call fails with 503 while set.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+    pub fn clear(&self) {
+        self.set_error_rate(0.0);
+        self.set_latency(Duration::ZERO);
+        self.set_burst_429(0);
+        self.set_down(false);
+    }
+}
+
+/// What an issued access token stands for.
+#[derive(Debug, Clone)]
+pub struct TokenInfo {
+    /// Email of a user or service account, or a `principal://` federated identity.
+    pub principal: String,
+    pub scopes: Vec<String>,
+    pub expires: SystemTime,
+    /// The OAuth client (users) or unique id (service accounts).
+    pub azp: String,
+}
+
+impl TokenInfo {
+    pub fn seconds_left(&self) -> u64 {
+        self.expires
+            .duration_since(SystemTime::now())
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+}
+
+pub(crate) struct Emulator {
+    pub policy: Policy,
+    pub signer: jwt::Signer,
+    pub tokens: DashMap<String, TokenInfo>,
+    pub stats: Arc<Stats>,
+    pub faults: Arc<Faults>,
+    /// Base URL, for `aud` checks on key-file assertions.
+    pub url: String,
+    /// Reused so rejection-sampled randomness is not reseeded per request.
+    pub rng: Mutex<rand::rngs::StdRng>,
+}
+
+pub struct EmulatorHandle {
+    addr: SocketAddr,
+    inner: Arc<Emulator>,
+    stop: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EmulatorHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// `http://127.0.0.1:PORT`, the base for every endpoint.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+    pub fn faults(&self) -> &Faults {
+        &self.inner.faults
+    }
+    /// Who a token belongs to, as tokeninfo would say (None if unknown or expired).
+    pub fn token_info(&self, token: &str) -> Option<TokenInfo> {
+        self.inner.lookup(token)
+    }
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for EmulatorHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Emulator {
+    pub(crate) fn lookup(&self, token: &str) -> Option<TokenInfo> {
+        self.tokens
+            .get(token)
+            .map(|t| t.clone())
+            .filter(|t| t.expires > SystemTime::now())
+    }
+}
+
+/// Serve the emulator on `listener` until the handle is shut down or dropped.
+pub async fn start(listener: TcpListener, policy: Policy) -> Result<EmulatorHandle, EmulatorError> {
+    let addr = listener.local_addr()?;
+    let faults = Arc::new(Faults::default());
+    faults.set_error_rate(policy.faults.error_rate);
+    faults.set_latency(policy.faults.latency.unwrap_or_default());
+    faults.set_burst_429(policy.faults.burst_429);
+    faults.set_down(policy.faults.down);
+    let signer = tokio::task::spawn_blocking(jwt::Signer::generate)
+        .await
+        .map_err(|e| EmulatorError::Crypto(e.to_string()))??;
+    let inner = Arc::new(Emulator {
+        policy,
+        signer,
+        tokens: DashMap::new(),
+        stats: Arc::new(Stats::default()),
+        faults,
+        url: format!("http://{addr}"),
+        rng: Mutex::new(rand::SeedableRng::from_os_rng()),
+    });
+    let (stop, mut stopped) = watch::channel(false);
+    let emu = inner.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = stopped.wait_for(|s| *s) => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(_) => continue,
+                },
+            };
+            let emu = emu.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let emu = emu.clone();
+                    async move { Ok::<_, std::convert::Infallible>(google::handle(&emu, req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(EmulatorHandle {
+        addr,
+        inner,
+        stop,
+        task: Some(task),
+    })
+}

@@ -1,0 +1,725 @@
+//! The emulated endpoints. Error bodies follow Google: IAM answers
+//! `{"error":{"code","message","status","details"}}`, OAuth2/STS/tokeninfo answer
+//! `{"error","error_description"}`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use rand::Rng;
+use serde_json::{json, Value};
+
+use super::policy::ServiceAccount;
+use super::{jwt, Emulator, Policy, TokenInfo};
+
+type Resp = Response<Full<Bytes>>;
+
+const MAX_BODY: usize = 1 << 20;
+const DEFAULT_LIFETIME: u64 = 3600;
+const EXTENDED_LIFETIME: u64 = 43_200;
+const USER_SCOPES: &str =
+    "openid https://www.googleapis.com/auth/userinfo.email https://www.googleapis.com/auth/cloud-platform";
+
+pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return google_error(
+                400,
+                "INVALID_ARGUMENT",
+                "Request body too large or unreadable.",
+            )
+        }
+    };
+    let path = parts.uri.path();
+    let query = parts.uri.query().unwrap_or("");
+    let bearer = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let flavor_ok = parts
+        .headers
+        .get("metadata-flavor")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"Google"));
+
+    match (&parts.method, path) {
+        (&Method::GET, "/oauth2/v3/certs") => ok_json(&emu.signer.jwks()),
+        (_, "/tokeninfo") => {
+            count(&emu.stats.tokeninfo);
+            let form = if parts.method == Method::POST {
+                parse_form(&body)
+            } else {
+                parse_form(query.as_bytes())
+            };
+            tokeninfo(emu, &form)
+        }
+        (&Method::GET, "/") | (&Method::GET, "/computeMetadata/v1/") => {
+            let mut r = text(200, "computeMetadata/\n");
+            r.headers_mut()
+                .insert("metadata-flavor", HeaderValue::from_static("Google"));
+            r
+        }
+        (&Method::GET, p) if p.starts_with("/computeMetadata/v1/") => {
+            if !flavor_ok {
+                return text(
+                    403,
+                    "Missing required header \"Metadata-Flavor\": \"Google\"\n",
+                );
+            }
+            let p = p.to_string();
+            with_faults(emu, || metadata(emu, &p, query)).await
+        }
+        (&Method::POST, "/token") => {
+            count(&emu.stats.oauth_token);
+            with_faults(emu, || oauth_token(emu, &parse_form(&body))).await
+        }
+        (&Method::POST, "/v1/token") => {
+            count(&emu.stats.sts_token);
+            with_faults(emu, || sts_token(emu, &parse_form_or_json(&body))).await
+        }
+        (&Method::POST, p) if p.starts_with("/v1/projects/") => {
+            let Some((account, verb)) = parse_iam_path(p) else {
+                return google_error(404, "NOT_FOUND", "Unknown IAM Credentials method.");
+            };
+            let counter = match verb.as_str() {
+                "generateAccessToken" => &emu.stats.generate_access_token,
+                "generateIdToken" => &emu.stats.generate_id_token,
+                "signJwt" => &emu.stats.sign_jwt,
+                "signBlob" => &emu.stats.sign_blob,
+                _ => return google_error(404, "NOT_FOUND", "Unknown IAM Credentials method."),
+            };
+            count(counter);
+            with_faults(emu, || iam(emu, &account, &verb, bearer, &body)).await
+        }
+        _ => google_error(404, "NOT_FOUND", "Not found."),
+    }
+}
+
+fn count(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Latency, outages, 429 bursts and random errors, applied before the real answer.
+async fn with_faults(emu: &Emulator, answer: impl FnOnce() -> Resp) -> Resp {
+    let f = &emu.faults;
+    let latency = f.latency_ms.load(Ordering::SeqCst);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    if f.down.load(Ordering::SeqCst) {
+        count(&emu.stats.failures_injected);
+        return google_error(503, "UNAVAILABLE", "The service is currently unavailable.");
+    }
+    let burst = f
+        .burst_429
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+    if burst.is_ok() {
+        count(&emu.stats.failures_injected);
+        return google_error(
+            429,
+            "RESOURCE_EXHAUSTED",
+            "Quota exceeded for quota metric 'Token requests'.",
+        );
+    }
+    let ppm = f.error_ppm.load(Ordering::SeqCst);
+    if ppm > 0 {
+        let roll: u64 = emu
+            .rng
+            .lock()
+            .map(|mut r| r.random_range(0..1_000_000))
+            .unwrap_or(0);
+        if roll < ppm {
+            count(&emu.stats.failures_injected);
+            return google_error(503, "UNAVAILABLE", "The service is currently unavailable.");
+        }
+    }
+    answer()
+}
+
+// ---------------------------------------------------------------- IAM Credentials
+
+/// `/v1/projects/-/serviceAccounts/EMAIL:verb` → (EMAIL, verb).
+fn parse_iam_path(p: &str) -> Option<(String, String)> {
+    let rest = p.strip_prefix("/v1/projects/")?;
+    let (_project, rest) = rest.split_once("/serviceAccounts/")?;
+    let (account, verb) = rest.rsplit_once(':')?;
+    Some((percent_decode(account), verb.to_string()))
+}
+
+fn iam(emu: &Emulator, account: &str, verb: &str, bearer: Option<&str>, body: &[u8]) -> Resp {
+    let Some(caller) = bearer.and_then(|t| authenticate(emu, t)) else {
+        return google_error(
+            401,
+            "UNAUTHENTICATED",
+            "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential.",
+        );
+    };
+    let req: Value = match serde_json::from_slice(body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return google_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received."),
+    };
+    // Validate arguments before looking anything up, as Google does.
+    let mut delegates = Vec::new();
+    if let Some(list) = req.get("delegates") {
+        let Some(list) = list.as_array() else {
+            return google_error(400, "INVALID_ARGUMENT", "Invalid value at 'delegates'.");
+        };
+        for d in list {
+            let d = d.as_str().unwrap_or("");
+            match d.strip_prefix("projects/-/serviceAccounts/") {
+                Some(email) if !email.is_empty() => delegates.push(email.to_string()),
+                _ => {
+                    return google_error(
+                        400,
+                        "INVALID_ARGUMENT",
+                        &format!("Invalid form of account ID {d}. Should be [Gaia ID |Email |Unique ID |] of the account"),
+                    )
+                }
+            }
+        }
+    }
+    let permission = match verb {
+        "generateAccessToken" => "iam.serviceAccounts.getAccessToken",
+        "generateIdToken" => "iam.serviceAccounts.getOpenIdToken",
+        "signJwt" => "iam.serviceAccounts.signJwt",
+        _ => "iam.serviceAccounts.signBlob",
+    };
+    let mut lifetime = DEFAULT_LIFETIME;
+    let mut scopes = Vec::new();
+    match verb {
+        "generateAccessToken" => {
+            scopes = req
+                .get("scope")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if scopes.is_empty() {
+                return google_error(400, "INVALID_ARGUMENT", "Scope required.");
+            }
+            if let Some(l) = req.get("lifetime") {
+                match l.as_str().and_then(parse_lifetime) {
+                    Some(secs) if secs > 0 => lifetime = secs,
+                    _ => return google_error(400, "INVALID_ARGUMENT", "Invalid value at 'lifetime' (type.googleapis.com/google.protobuf.Duration)."),
+                }
+            }
+            if lifetime > EXTENDED_LIFETIME {
+                return google_error(400, "INVALID_ARGUMENT", &format!("The lifetime requested ({lifetime}s) exceeds the maximum allowed of {EXTENDED_LIFETIME}s."));
+            }
+        }
+        "generateIdToken" => {
+            if req
+                .get("audience")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .is_empty()
+            {
+                return google_error(400, "INVALID_ARGUMENT", "Audience is required.");
+            }
+        }
+        "signJwt" => {
+            if req.get("payload").and_then(Value::as_str).is_none() {
+                return google_error(400, "INVALID_ARGUMENT", "Payload is required.");
+            }
+        }
+        _ => {
+            if req.get("payload").and_then(Value::as_str).is_none() {
+                return google_error(400, "INVALID_ARGUMENT", "Payload is required.");
+            }
+        }
+    }
+
+    // Every account in the chain must exist.
+    let Some(target) = emu.policy.account(account) else {
+        return google_error(
+            404,
+            "NOT_FOUND",
+            &format!("Not found; Gaia id not found for email {account}"),
+        );
+    };
+    let mut chain: Vec<&ServiceAccount> = Vec::with_capacity(delegates.len() + 1);
+    for d in &delegates {
+        match emu.policy.account(d) {
+            Some(sa) => chain.push(sa),
+            None => {
+                return google_error(
+                    404,
+                    "NOT_FOUND",
+                    &format!("Not found; Gaia id not found for email {d}"),
+                )
+            }
+        }
+    }
+    chain.push(target);
+
+    // Hop by hop: the caller needs the permission (Token Creator) on the first account of the
+    // chain; each account needs implicitDelegation on the next.
+    let caller_member = member_of(&emu.policy, &caller.principal);
+    let first = chain[0];
+    let first_permission = if chain.len() > 1 {
+        "iam.serviceAccounts.implicitDelegation"
+    } else {
+        permission
+    };
+    let first_ok = first.token_creators.contains(&caller_member)
+        || (chain.len() > 1 && first.implicit_delegators.contains(&caller_member));
+    if !first_ok {
+        return permission_denied(first_permission, &first.email);
+    }
+    for pair in chain.windows(2) {
+        let (from, to) = (pair[0], pair[1]);
+        let from_member = format!("serviceAccount:{}", from.email);
+        if !(to.token_creators.contains(&from_member)
+            || to.implicit_delegators.contains(&from_member))
+        {
+            return permission_denied("iam.serviceAccounts.implicitDelegation", &to.email);
+        }
+    }
+    // The last hop must hold the real permission on the target, which implicitDelegation alone
+    // does not give.
+    if chain.len() > 1 {
+        let from_member = format!("serviceAccount:{}", chain[chain.len() - 2].email);
+        if !target.token_creators.contains(&from_member)
+            && !target.implicit_delegators.contains(&from_member)
+        {
+            return permission_denied(permission, &target.email);
+        }
+    }
+
+    let unique_id = Policy::unique_id(target);
+    match verb {
+        "generateAccessToken" => {
+            if lifetime > DEFAULT_LIFETIME && !target.lifetime_extension {
+                return google_error(400, "INVALID_ARGUMENT", &format!(
+                    "The lifetime requested ({lifetime}s) exceeds the maximum allowed of {DEFAULT_LIFETIME}s. A longer lifetime requires the constraints/iam.allowServiceAccountCredentialLifetimeExtension organization policy."
+                ));
+            }
+            let secs = effective_lifetime(emu, lifetime);
+            let token = issue(emu, &target.email, scopes, secs, &unique_id);
+            ok_json(
+                &json!({"accessToken": token, "expireTime": rfc3339(SystemTime::now() + Duration::from_secs(secs))}),
+            )
+        }
+        "generateIdToken" => {
+            let audience = req.get("audience").and_then(Value::as_str).unwrap_or("");
+            let include_email = req
+                .get("includeEmail")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let now = unix_now();
+            let mut claims = json!({
+                "iss": "https://accounts.google.com", "aud": audience, "azp": unique_id,
+                "sub": unique_id, "iat": now, "exp": now + effective_lifetime(emu, DEFAULT_LIFETIME),
+            });
+            if include_email {
+                claims["email"] = json!(target.email);
+                claims["email_verified"] = json!(true);
+            }
+            match emu.signer.jwt(&claims) {
+                Ok(t) => ok_json(&json!({"token": t})),
+                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
+            }
+        }
+        "signJwt" => {
+            let payload = req.get("payload").and_then(Value::as_str).unwrap_or("");
+            let Ok(claims) = serde_json::from_str::<Value>(payload) else {
+                return google_error(400, "INVALID_ARGUMENT", "Payload is not valid JSON.");
+            };
+            match emu.signer.jwt(&claims) {
+                Ok(t) => ok_json(&json!({"keyId": emu.signer.kid, "signedJwt": t})),
+                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
+            }
+        }
+        _ => {
+            use base64::Engine as _;
+            let payload = req.get("payload").and_then(Value::as_str).unwrap_or("");
+            let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(payload) else {
+                return google_error(400, "INVALID_ARGUMENT", "Payload is not valid base64.");
+            };
+            match emu.signer.sign_blob(&blob) {
+                Ok(s) => ok_json(&json!({"keyId": emu.signer.kid, "signedBlob": s})),
+                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
+            }
+        }
+    }
+}
+
+fn permission_denied(permission: &str, resource: &str) -> Resp {
+    let body = json!({"error": {
+        "code": 403,
+        "message": format!("Permission '{permission}' denied on resource (or it may not exist)."),
+        "status": "PERMISSION_DENIED",
+        "details": [{
+            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+            "reason": "IAM_PERMISSION_DENIED",
+            "domain": "iam.googleapis.com",
+            "metadata": {"permission": permission, "resource": format!("projects/-/serviceAccounts/{resource}")}
+        }]
+    }});
+    json_response(403, &body)
+}
+
+/// `user:EMAIL` or `serviceAccount:EMAIL` for an email, the federated principal as is.
+fn member_of(policy: &Policy, principal: &str) -> String {
+    if principal.starts_with("principal://") {
+        principal.to_string()
+    } else if policy.account(principal).is_some() {
+        format!("serviceAccount:{principal}")
+    } else {
+        format!("user:{principal}")
+    }
+}
+
+/// Who is calling: an access token we issued, or a self-signed JWT of a policy key.
+fn authenticate(emu: &Emulator, token: &str) -> Option<TokenInfo> {
+    if let Some(info) = emu.lookup(token) {
+        return Some(info);
+    }
+    let (sa, claims) = verify_key_jwt(emu, token)?;
+    let aud_ok = claims.get("aud").and_then(Value::as_str).is_some_and(|a| {
+        a.starts_with("https://iamcredentials.googleapis.com") || a.starts_with(&emu.url)
+    });
+    let scope = claims.get("scope").and_then(Value::as_str).unwrap_or("");
+    if !aud_ok && scope.is_empty() {
+        return None;
+    }
+    Some(TokenInfo {
+        principal: sa.email.clone(),
+        scopes: scope.split_whitespace().map(String::from).collect(),
+        expires: UNIX_EPOCH
+            + Duration::from_secs(claims.get("exp").and_then(Value::as_u64).unwrap_or(0)),
+        azp: Policy::unique_id(sa),
+    })
+}
+
+/// A JWT signed with a service account's registered key, unexpired, iss = sub = that account.
+fn verify_key_jwt<'a>(emu: &'a Emulator, token: &str) -> Option<(&'a ServiceAccount, Value)> {
+    let jwt = jwt::decode(token)?;
+    let kid = jwt.header.get("kid").and_then(Value::as_str)?;
+    let iss = jwt.claims.get("iss").and_then(Value::as_str)?;
+    let sa = emu.policy.account(iss)?;
+    let pem = sa.public_keys.get(kid)?;
+    if !jwt.verify_pem(pem) {
+        return None;
+    }
+    if let Some(sub) = jwt.claims.get("sub").and_then(Value::as_str) {
+        if !sub.eq_ignore_ascii_case(iss) {
+            return None;
+        }
+    }
+    let exp = jwt.claims.get("exp").and_then(Value::as_u64)?;
+    if exp <= unix_now() {
+        return None;
+    }
+    Some((sa, jwt.claims))
+}
+
+// ---------------------------------------------------------------- OAuth2, STS, metadata
+
+fn oauth_token(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
+    let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
+    match grant {
+        "urn:ietf:params:oauth:grant-type:jwt-bearer" => {
+            let assertion = form.get("assertion").map(String::as_str).unwrap_or("");
+            let Some((sa, claims)) = verify_key_jwt(emu, assertion) else {
+                return oauth_error(400, "invalid_grant", "Invalid JWT Signature.");
+            };
+            let aud_ok = claims
+                .get("aud")
+                .and_then(Value::as_str)
+                .is_some_and(|a| a.ends_with("/token"));
+            if !aud_ok {
+                return oauth_error(400, "invalid_grant", "Invalid JWT: Failed audience check.");
+            }
+            let scopes: Vec<String> = claims
+                .get("scope")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            if scopes.is_empty() {
+                return oauth_error(400, "invalid_scope", "Empty or missing scope not allowed.");
+            }
+            let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
+            let scope = scopes.join(" ");
+            let token = issue(emu, &sa.email, scopes, secs, &Policy::unique_id(sa));
+            ok_json(
+                &json!({"access_token": token, "expires_in": secs, "token_type": "Bearer", "scope": scope}),
+            )
+        }
+        "refresh_token" => {
+            let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+            let Some(user) = emu
+                .policy
+                .users
+                .iter()
+                .find(|u| u.client_id == get("client_id"))
+            else {
+                return oauth_error(401, "invalid_client", "The OAuth client was not found.");
+            };
+            if user.client_secret != get("client_secret") {
+                return oauth_error(401, "invalid_client", "Unauthorized");
+            }
+            if user.refresh_token != get("refresh_token") {
+                return oauth_error(400, "invalid_grant", "Bad Request");
+            }
+            let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
+            let scopes: Vec<String> = USER_SCOPES.split(' ').map(String::from).collect();
+            let token = issue(emu, &user.email, scopes, secs, &user.client_id);
+            ok_json(
+                &json!({"access_token": token, "expires_in": secs, "token_type": "Bearer", "scope": USER_SCOPES}),
+            )
+        }
+        "" => oauth_error(
+            400,
+            "invalid_request",
+            "Missing required parameter: grant_type",
+        ),
+        _ => oauth_error(400, "unsupported_grant_type", "Invalid grant_type"),
+    }
+}
+
+fn sts_token(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
+    if form.get("grant_type").map(String::as_str)
+        != Some("urn:ietf:params:oauth:grant-type:token-exchange")
+    {
+        return oauth_error(
+            400,
+            "unsupported_grant_type",
+            "The grant type is not supported.",
+        );
+    }
+    let subject = form.get("subject_token").map(String::as_str).unwrap_or("");
+    let Some(ext) = emu
+        .policy
+        .external_subjects
+        .iter()
+        .find(|s| s.subject_token == subject)
+    else {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            "The subject token is invalid or not accepted by the workload identity pool.",
+        );
+    };
+    let scopes: Vec<String> = form
+        .get("scope")
+        .map(|s| s.split_whitespace().map(String::from).collect())
+        .unwrap_or_else(|| vec![crate::config::CLOUD_PLATFORM_SCOPE.to_string()]);
+    let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
+    let token = issue(emu, &ext.principal, scopes, secs, "sts");
+    ok_json(&json!({
+        "access_token": token,
+        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "token_type": "Bearer",
+        "expires_in": secs,
+    }))
+}
+
+fn metadata(emu: &Emulator, path: &str, query: &str) -> Resp {
+    let Some(inst) = &emu.policy.metadata else {
+        return text(404, "Not Found\n");
+    };
+    let rest = path.trim_start_matches("/computeMetadata/v1/");
+    if rest == "project/project-id" {
+        return text(200, "emulated-project");
+    }
+    let Some(sa_path) = rest.strip_prefix("instance/service-accounts/") else {
+        return text(404, "Not Found\n");
+    };
+    let (account, leaf) = sa_path.split_once('/').unwrap_or((sa_path, ""));
+    if account != "default" && !account.eq_ignore_ascii_case(&inst.service_account) {
+        return text(404, "Not Found\n");
+    }
+    let scopes: Vec<String> = if inst.scopes.is_empty() {
+        vec![crate::config::CLOUD_PLATFORM_SCOPE.to_string()]
+    } else {
+        inst.scopes.clone()
+    };
+    match leaf {
+        "token" => {
+            count(&emu.stats.metadata_token);
+            let asked = parse_form(query.as_bytes())
+                .get("scopes")
+                .map(|s| s.split(',').map(String::from).collect::<Vec<_>>());
+            let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
+            let unique = emu
+                .policy
+                .account(&inst.service_account)
+                .map(Policy::unique_id)
+                .unwrap_or_else(|| "metadata".into());
+            let token = issue(
+                emu,
+                &inst.service_account,
+                asked.unwrap_or(scopes),
+                secs,
+                &unique,
+            );
+            ok_json(&json!({"access_token": token, "expires_in": secs, "token_type": "Bearer"}))
+        }
+        "email" => text(200, &inst.service_account),
+        "scopes" => text(200, &scopes.join("\n")),
+        "" => ok_json(
+            &json!({"aliases": ["default"], "email": inst.service_account, "scopes": scopes}),
+        ),
+        _ => text(404, "Not Found\n"),
+    }
+}
+
+fn tokeninfo(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
+    let invalid = || oauth_error(400, "invalid_token", "Invalid Value");
+    if let Some(t) = form.get("access_token") {
+        let Some(info) = emu.lookup(t) else {
+            return invalid();
+        };
+        let exp = info
+            .expires
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut body = json!({
+            "azp": info.azp, "aud": info.azp, "sub": info.azp,
+            "scope": info.scopes.join(" "),
+            "exp": exp.to_string(), "expires_in": info.seconds_left().to_string(),
+            "access_type": "online",
+        });
+        if !info.principal.starts_with("principal://") {
+            body["email"] = json!(info.principal);
+            body["email_verified"] = json!("true");
+        } else {
+            body["sub"] = json!(info.principal);
+        }
+        return ok_json(&body);
+    }
+    if let Some(t) = form.get("id_token") {
+        let Some(jwt) = jwt::decode(t) else {
+            return invalid();
+        };
+        let exp = jwt.claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
+        if !jwt.verify_with(&emu.signer) || exp <= unix_now() {
+            return invalid();
+        }
+        return ok_json(&jwt.claims);
+    }
+    invalid()
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn effective_lifetime(emu: &Emulator, requested: u64) -> u64 {
+    match emu.policy.token_lifetime {
+        Some(cap) => requested.min(cap.as_secs().max(1)),
+        None => requested,
+    }
+}
+
+fn issue(emu: &Emulator, principal: &str, scopes: Vec<String>, secs: u64, azp: &str) -> String {
+    let token = format!("ya29.emu.{}", jwt::b64url(&rand::random::<[u8; 32]>()));
+    emu.tokens.insert(
+        token.clone(),
+        TokenInfo {
+            principal: principal.to_string(),
+            scopes,
+            expires: SystemTime::now() + Duration::from_secs(secs),
+            azp: azp.to_string(),
+        },
+    );
+    token
+}
+
+/// `"3600s"` or `"3600.5s"` → whole seconds.
+fn parse_lifetime(s: &str) -> Option<u64> {
+    let n = s.strip_suffix('s')?;
+    let whole = n.split('.').next()?;
+    whole.parse().ok()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `2020-04-07T15:01:23Z`.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let dt = time::OffsetDateTime::from(t);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second()
+    )
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| s.to_string())
+}
+
+fn parse_form(body: &[u8]) -> HashMap<String, String> {
+    url::form_urlencoded::parse(body).into_owned().collect()
+}
+
+fn parse_form_or_json(body: &[u8]) -> HashMap<String, String> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => map
+            .into_iter()
+            .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string())))
+            .collect(),
+        _ => parse_form(body),
+    }
+}
+
+fn json_response(code: u16, body: &Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=UTF-8"),
+    );
+    r
+}
+
+fn ok_json(body: &Value) -> Resp {
+    json_response(200, body)
+}
+
+pub(crate) fn google_error(code: u16, status: &str, message: &str) -> Resp {
+    json_response(
+        code,
+        &json!({"error": {"code": code, "message": message, "status": status, "details": []}}),
+    )
+}
+
+fn oauth_error(code: u16, error: &str, description: &str) -> Resp {
+    json_response(
+        code,
+        &json!({"error": error, "error_description": description}),
+    )
+}
+
+fn text(code: u16, body: &str) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
