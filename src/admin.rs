@@ -1,1 +1,149 @@
-//! `/healthz`, `/readyz`, `/metrics`. (Stub: owned by the proxy work.)
+//! `/healthz` (the process serves), `/readyz` (every configured identity has a usable token,
+//! so a load balancer only sends traffic to a warm replica) and `/metrics` (Prometheus text).
+
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::proxy::ProxyState;
+
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&req, &state)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn answer(req: &Request<Incoming>, state: &ProxyState) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" => {
+            if state.engine.is_ready() {
+                (StatusCode::OK, "text/plain", "ready\n".to_string())
+            } else {
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready: tokens are still being minted or cannot be minted\n".to_string(),
+                )
+            }
+        }
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics_text(state),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    if let Ok(v) = http::HeaderValue::from_str(ctype) {
+        resp.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    resp
+}
+
+fn metrics_text(state: &ProxyState) -> String {
+    let m = &state.metrics;
+    let mut s = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    };
+    counter(
+        "impersonate_proxy_connections_total",
+        "Client connections accepted.",
+        "counter",
+        m.connections_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "impersonate_proxy_connections_active",
+        "Client connections open now.",
+        "gauge",
+        m.connections_active.load(Ordering::Relaxed),
+    );
+    counter(
+        "impersonate_proxy_tunnels_total",
+        "CONNECTs tunnelled blind.",
+        "counter",
+        m.tunnels_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "impersonate_proxy_intercepts_total",
+        "CONNECTs intercepted with the local CA.",
+        "counter",
+        m.intercepts_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "impersonate_proxy_refused_total",
+        "Requests refused by policy or as malformed.",
+        "counter",
+        m.refused_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "impersonate_proxy_token_errors_total",
+        "Requests answered 503 because no token could be had.",
+        "counter",
+        m.token_errors_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "impersonate_proxy_upstream_errors_total",
+        "Requests answered 502/504 because the origin failed.",
+        "counter",
+        m.upstream_errors_total.load(Ordering::Relaxed),
+    );
+    counter(
+        "impersonate_proxy_leaf_certificates_cached",
+        "Minted leaf certificates in the cache.",
+        "gauge",
+        state.ca.cached_leaves() as u64,
+    );
+    let _ = writeln!(
+        s,
+        "# HELP impersonate_proxy_responses_total Responses by status class.\n# TYPE impersonate_proxy_responses_total counter"
+    );
+    for (class, n) in m.responses.iter().enumerate().skip(1) {
+        let _ = writeln!(
+            s,
+            "impersonate_proxy_responses_total{{class=\"{class}xx\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
+    s.push_str(&state.engine.metrics_text());
+    s
+}

@@ -1,0 +1,338 @@
+//! The client-facing side: an HTTP/1.1 connection that may carry CONNECT (then interception
+//! or a blind tunnel) or absolute-form `http://` requests. Anything else is refused: this is
+//! not an open relay and not a web server.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio_rustls::LazyConfigAcceptor;
+use tracing::Instrument;
+
+use super::error::{to_response, ProxyError};
+use super::forward::{self, Target};
+use super::{Body, ProxyState};
+use crate::config::OtherHosts;
+
+/// Serve one client connection in its own task. The connection permit travels with whatever
+/// the connection becomes (tunnel or intercepted session), so the cap counts those too.
+pub(crate) fn spawn_client(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ProxyState>,
+    stop: watch::Receiver<bool>,
+    permit: OwnedSemaphorePermit,
+) {
+    let span = tracing::debug_span!("conn", client = %peer);
+    tokio::spawn(
+        async move {
+            let m = &state.metrics;
+            m.connections_total.fetch_add(1, Ordering::Relaxed);
+            m.connections_active.fetch_add(1, Ordering::Relaxed);
+            let permit = Arc::new(permit);
+            let limits = &state.config.limits;
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(limits.max_header_bytes.max(8192))
+                .keep_alive(true);
+            let svc_state = state.clone();
+            let svc_stop = stop.clone();
+            let svc = service_fn(move |req| {
+                handle(
+                    req,
+                    peer,
+                    svc_state.clone(),
+                    svc_stop.clone(),
+                    permit.clone(),
+                )
+            });
+            let conn = http
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let mut stop = stop;
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stopped(&mut stop) => {
+                    // Finish the request in flight, then close; an upgraded CONNECT has
+                    // already left this future and drains on its own.
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+            state
+                .metrics
+                .connections_active
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+        .instrument(span),
+    );
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    state: Arc<ProxyState>,
+    stop: watch::Receiver<bool>,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Result<Response<Body>, Infallible> {
+    if req.method() == Method::CONNECT {
+        return Ok(match connect(req, peer, &state, stop, permit).await {
+            Ok(resp) => resp,
+            Err(e) => refuse(&state, &e),
+        });
+    }
+    // Absolute-form `http://host/path`: forwarded, routes applied.
+    let uri = req.uri();
+    if uri.scheme() == Some(&http::uri::Scheme::HTTP) && uri.authority().is_some() {
+        let target = match plain_target(&req, &state) {
+            Ok(t) => t,
+            Err(e) => return Ok(refuse(&state, &e)),
+        };
+        return forward::request(req, Arc::new(target), peer, state).await;
+    }
+    let e = if uri.scheme().is_some() {
+        ProxyError::BadRequest(format!(
+            "only CONNECT and http:// absolute-form requests are proxied, not {}",
+            uri.scheme_str().unwrap_or("?")
+        ))
+    } else {
+        ProxyError::BadRequest(
+            "this is a proxy: send CONNECT host:port or an absolute-form http:// request".into(),
+        )
+    };
+    Ok(refuse(&state, &e))
+}
+
+fn refuse(state: &ProxyState, e: &ProxyError) -> Response<Body> {
+    state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
+    state.metrics.count_status(e.status().as_u16());
+    tracing::info!(target: "impersonate_proxy::access", status = e.status().as_u16(), error = %e, "refused");
+    to_response(e)
+}
+
+/// Host (lower-case, no trailing dot) and port of a CONNECT or absolute-form target, checked
+/// against the port policy.
+fn authority_of(
+    uri: &http::Uri,
+    default_port: Option<u16>,
+    state: &ProxyState,
+) -> Result<(String, u16), ProxyError> {
+    let auth = uri
+        .authority()
+        .ok_or_else(|| ProxyError::BadRequest("request has no host".into()))?;
+    let host = auth.host().trim_end_matches('.').to_ascii_lowercase();
+    if host.is_empty() {
+        return Err(ProxyError::BadRequest("request has an empty host".into()));
+    }
+    let port = auth
+        .port_u16()
+        .or(default_port)
+        .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {auth}: a port is required")))?;
+    if !state.config.allowed_ports.contains(&port) {
+        return Err(ProxyError::Refused(format!(
+            "port {port} is not in allowed_ports"
+        )));
+    }
+    Ok((host, port))
+}
+
+fn plain_target(req: &Request<Incoming>, state: &ProxyState) -> Result<Target, ProxyError> {
+    let (host, port) = authority_of(req.uri(), Some(80), state)?;
+    if !state.routes.routes_host(&host) && state.config.other_hosts == OtherHosts::Deny {
+        return Err(ProxyError::Refused(format!(
+            "{host} is not named by any route (other_hosts: deny)"
+        )));
+    }
+    Ok(Target {
+        host,
+        port,
+        tls: false,
+    })
+}
+
+/// CONNECT as named steps: check the target, decide, answer, then (after the upgrade) either
+/// intercept or copy bytes.
+async fn connect(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    state: &Arc<ProxyState>,
+    stop: watch::Receiver<bool>,
+    permit: Arc<OwnedSemaphorePermit>,
+) -> Result<Response<Body>, ProxyError> {
+    let (host, port) = authority_of(req.uri(), None, state)?;
+    let intercept = state.routes.routes_host(&host);
+    if !intercept && state.config.other_hosts == OtherHosts::Deny {
+        return Err(ProxyError::Refused(format!(
+            "{host} is not named by any route (other_hosts: deny)"
+        )));
+    }
+    // For a tunnel, reach the origin before saying 200, so an unreachable host is a 502 the
+    // client can read rather than a connection that dies after the handshake.
+    let upstream = if intercept {
+        None
+    } else {
+        Some(dial(&host, port, state).await?)
+    };
+    let state = state.clone();
+    tokio::spawn(async move {
+        let upgraded = match hyper::upgrade::on(req).await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::debug!(error = %e, "CONNECT upgrade failed");
+                return;
+            }
+        };
+        match upstream {
+            Some(tcp) => tunnel(upgraded, tcp, &host, &state).await,
+            None => intercept_tls(upgraded, host, port, peer, state, stop).await,
+        }
+        drop(permit);
+    });
+    let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
+    *resp.status_mut() = StatusCode::OK;
+    Ok(resp)
+}
+
+/// Connect to `host:port` for a blind tunnel, honouring `upstream.resolve`.
+async fn dial(host: &str, port: u16, state: &ProxyState) -> Result<TcpStream, ProxyError> {
+    let up = &state.config.upstream;
+    let unreachable = |message: String| ProxyError::Unreachable {
+        authority: format!("{host}:{port}"),
+        message,
+    };
+    let mapped = up.resolve.get(&format!("{host}:{port}")).copied();
+    let fut = async {
+        match mapped {
+            Some(addr) => TcpStream::connect(addr).await,
+            None => TcpStream::connect((host, port)).await,
+        }
+    };
+    match tokio::time::timeout(up.connect_timeout, fut).await {
+        Ok(Ok(s)) => {
+            let _ = s.set_nodelay(true);
+            Ok(s)
+        }
+        Ok(Err(e)) => Err(unreachable(e.to_string())),
+        Err(_) => Err(unreachable(format!(
+            "connect timed out after {}s",
+            up.connect_timeout.as_secs()
+        ))),
+    }
+}
+
+async fn tunnel(
+    upgraded: hyper::upgrade::Upgraded,
+    mut tcp: TcpStream,
+    host: &str,
+    state: &ProxyState,
+) {
+    state.metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
+    let mut client = TokioIo::new(upgraded);
+    match tokio::io::copy_bidirectional(&mut client, &mut tcp).await {
+        Ok((up, down)) => tracing::debug!(host, up, down, "tunnel closed"),
+        Err(e) => tracing::debug!(host, error = %e, "tunnel ended with an error"),
+    }
+}
+
+/// TLS accept with a leaf for the CONNECT host, then serve HTTP/1.1 or h2 (by ALPN) on it.
+async fn intercept_tls(
+    upgraded: hyper::upgrade::Upgraded,
+    host: String,
+    port: u16,
+    peer: SocketAddr,
+    state: Arc<ProxyState>,
+    stop: watch::Receiver<bool>,
+) {
+    state
+        .metrics
+        .intercepts_total
+        .fetch_add(1, Ordering::Relaxed);
+    let acceptor =
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
+    let start = match acceptor.await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(host, error = %e, "client did not start TLS");
+            return;
+        }
+    };
+    // The CONNECT target decides where the request goes and which routes apply; a client
+    // hello naming another host is refused rather than trusted.
+    if let Some(sni) = start.client_hello().server_name() {
+        if !sni.trim_end_matches('.').eq_ignore_ascii_case(&host) {
+            tracing::info!(
+                host,
+                sni,
+                "TLS server name differs from the CONNECT host; closing"
+            );
+            return;
+        }
+    }
+    let config = match state.ca.server_config(&host) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(host, error = %e, "cannot mint a certificate");
+            return;
+        }
+    };
+    let tls = match start.into_stream(config).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(host, error = %e, "TLS handshake with client failed");
+            return;
+        }
+    };
+    let target = Arc::new(Target {
+        host,
+        port,
+        tls: true,
+    });
+    let svc_state = state.clone();
+    let svc = service_fn(move |req| forward::request(req, target.clone(), peer, svc_state.clone()));
+    let limits = &state.config.limits;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .adaptive_window(true)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let mut stop = stop;
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "intercepted connection ended with an error");
+    }
+}
+
+/// Resolves once shutdown has begun (or the sender is gone). The watch guard is dropped here,
+/// before the caller awaits anything else.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

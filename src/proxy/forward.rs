@@ -1,0 +1,291 @@
+//! One request on an intercepted connection (or an absolute-form `http://` request): find the
+//! route, read the token, rewrite the headers, send it on the pooled upstream client, stream
+//! the answer back, and write the access line.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::error::{to_response, ProxyError};
+use super::{Body, ProxyState};
+use crate::config::Unmatched;
+
+/// Where the requests of one connection go: the CONNECT target (or the absolute-form URI's
+/// authority). Routing and the upstream authority come from here, never from the client's
+/// `Host` header, so a client cannot steer a token to another host.
+pub(crate) struct Target {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+}
+
+static X_GOOG_USER_PROJECT: HeaderName = HeaderName::from_static("x-goog-user-project");
+
+pub(crate) async fn request(
+    req: Request<Incoming>,
+    target: Arc<Target>,
+    peer: SocketAddr,
+    state: Arc<ProxyState>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let index = state.routes.find(&target.host, &path, &method);
+    let route = index.and_then(|i| state.targets.get(i));
+    let route_name = route.map_or("-", |r| r.name.as_str());
+    let identity = route.and_then(|r| r.identity.as_deref()).unwrap_or("-");
+    let target_sa = route
+        .and_then(|r| r.slot.as_ref())
+        .map_or("-", |s| s.spec().target.as_str());
+
+    let result = forward(req, &target, route, &state).await;
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(e) => {
+            match &e {
+                ProxyError::NoToken { .. } => state
+                    .metrics
+                    .token_errors_total
+                    .fetch_add(1, Ordering::Relaxed),
+                ProxyError::Unreachable { .. } | ProxyError::Timeout { .. } => state
+                    .metrics
+                    .upstream_errors_total
+                    .fetch_add(1, Ordering::Relaxed),
+                _ => 0,
+            };
+            tracing::warn!(target: "impersonate_proxy::access", host = %target.host, path, error = %e, "request failed");
+            to_response(&e)
+        }
+    };
+    let status = resp.status().as_u16();
+    state.metrics.count_status(status);
+    let bytes = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    tracing::info!(
+        target: "impersonate_proxy::access",
+        client = %peer,
+        method = %method,
+        host = %target.host,
+        path,
+        route = route_name,
+        identity,
+        target_sa,
+        source = state.engine.source_principal(),
+        status,
+        bytes,
+        latency_us = started.elapsed().as_micros() as u64,
+        "request"
+    );
+    Ok(resp)
+}
+
+async fn forward(
+    req: Request<Incoming>,
+    target: &Target,
+    route: Option<&super::RouteTarget>,
+    state: &ProxyState,
+) -> Result<Response<Body>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    if route.is_none()
+        && state.routes.routes_host(&target.host)
+        && state.config.unmatched == Unmatched::Deny
+    {
+        return Err(ProxyError::Refused(format!(
+            "no route matches {} {}{} (unmatched: deny)",
+            parts.method,
+            target.host,
+            parts.uri.path()
+        )));
+    }
+
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(route) = route {
+        if let Some(slot) = &route.slot {
+            let value = slot
+                .authorization()
+                .await
+                .map_err(|source| ProxyError::NoToken {
+                    route: route.name.clone(),
+                    identity: route.identity.clone().unwrap_or_default(),
+                    source,
+                })?;
+            // `insert` replaces every existing Authorization value, not just the first.
+            parts.headers.insert(header::AUTHORIZATION, value);
+        }
+        if let Some(q) = &route.quota_project {
+            parts.headers.insert(X_GOOG_USER_PROJECT.clone(), q.clone());
+        }
+    }
+
+    parts.uri = upstream_uri(target, &parts.uri)?;
+    // The upstream leg negotiates its own version by ALPN; hyper's client speaks h2 on an h2
+    // connection whatever this says, and HTTP/2 here would forbid falling back to HTTP/1.1.
+    parts.version = Version::HTTP_11;
+    if !parts.headers.contains_key(header::HOST) {
+        // h2 clients send :authority, which an HTTP/1.1 origin needs as Host.
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+
+    let authority = format!("{}:{}", target.host, target.port);
+    let timeout = state.config.upstream.response_timeout;
+    let sent = tokio::time::timeout(
+        timeout,
+        state.upstream.request(Request::from_parts(parts, body)),
+    );
+    let mut resp = match sent.await {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            return Err(ProxyError::Unreachable {
+                authority,
+                message: error_chain(&e),
+            })
+        }
+        Err(_) => {
+            return Err(ProxyError::Timeout {
+                authority,
+                secs: timeout.as_secs(),
+            })
+        }
+    };
+    strip_hop_by_hop(resp.headers_mut());
+    Ok(resp.map(|b| b.boxed()))
+}
+
+fn upstream_uri(target: &Target, incoming: &Uri) -> Result<Uri, ProxyError> {
+    let default_port = if target.tls { 443 } else { 80 };
+    let authority = if target.port == default_port {
+        target.host.clone()
+    } else {
+        format!("{}:{}", target.host, target.port)
+    };
+    let pq = incoming.path_and_query().map_or("/", |pq| pq.as_str());
+    Uri::builder()
+        .scheme(if target.tls { "https" } else { "http" })
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
+}
+
+/// Remove hop-by-hop fields (RFC 9110 §7.6.1): those named by `Connection`, and the fixed set.
+/// `TE: trailers` survives, since gRPC needs it end to end.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let keeps_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+    if keeps_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// An error and its causes on one line, for logs and the client's message.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_fields_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-custom"),
+        );
+        h.insert("x-custom", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.len(), 2, "{names:?}");
+        assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn upstream_uri_keeps_path_and_query_and_drops_default_port() {
+        let t = Target {
+            host: "storage.googleapis.com".into(),
+            port: 443,
+            tls: true,
+        };
+        let u = upstream_uri(&t, &"/b/x/o?alt=media".parse().unwrap()).unwrap();
+        assert_eq!(
+            u.to_string(),
+            "https://storage.googleapis.com/b/x/o?alt=media"
+        );
+        let t = Target {
+            host: "h".into(),
+            port: 8443,
+            tls: true,
+        };
+        assert_eq!(
+            upstream_uri(&t, &"http://h:8443/p".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "https://h:8443/p"
+        );
+    }
+}
