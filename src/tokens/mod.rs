@@ -1,16 +1,41 @@
-//! Source credential, IAM Credentials client, token cache and refresher. (Stub: owned by the
-//! tokens work.)
+//! Tokens: credential A (the source), the IAM Credentials client that exchanges it for
+//! credential B, and the cache that keeps B fresh off the request path.
+//!
+//! - `source.rs`: the source credential in every ADC form, with its own cached token.
+//! - `iam.rs`: `generateAccessToken` / `generateIdToken`, Google's errors parsed.
+//! - `cache.rs`: [`TokenSlot`]: lock-free reads, single-flight mints, refresher, backoff.
 
+mod cache;
+pub mod iam;
+pub mod source;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderValue;
+use dashmap::DashMap;
 
-use crate::config::{Config, IdentityConfig};
+pub use cache::{TokenMetrics, TokenSlot};
+pub use iam::Minted;
+
+use crate::config::{Config, IdentityConfig, TokensConfig};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
-    #[error("no token for {target}: {message}")]
+    #[error("source credential: {message}")]
+    Source { message: String },
+    #[error("IAM Credentials refused a token for {target}: {code} {status}: {message}")]
+    Iam {
+        target: String,
+        code: u16,
+        status: String,
+        message: String,
+    },
+    #[error("cannot reach IAM Credentials for {target}: {message}")]
+    Transport { target: String, message: String },
+    #[error("no valid token for {target}: {message}")]
     Unavailable { target: String, message: String },
 }
 
@@ -39,7 +64,7 @@ impl TokenSpec {
     pub fn access(id: &IdentityConfig) -> TokenSpec {
         TokenSpec {
             target: id.service_account.clone(),
-            delegates: id.delegates.clone(),
+            delegates: id.delegates.iter().map(|d| normalise_delegate(d)).collect(),
             kind: TokenKind::Access {
                 scopes: id.scopes.clone(),
                 lifetime: id.lifetime,
@@ -50,7 +75,7 @@ impl TokenSpec {
     pub fn id_token(id: &IdentityConfig, audience: &str, include_email: bool) -> TokenSpec {
         TokenSpec {
             target: id.service_account.clone(),
-            delegates: id.delegates.clone(),
+            delegates: id.delegates.iter().map(|d| normalise_delegate(d)).collect(),
             kind: TokenKind::Id {
                 audience: audience.to_string(),
                 include_email,
@@ -59,46 +84,165 @@ impl TokenSpec {
     }
 }
 
-/// One cache entry, shared by every route that uses the same spec.
-pub struct TokenSlot {
-    spec: TokenSpec,
+/// `hop@p.iam.gserviceaccount.com` → `projects/-/serviceAccounts/hop@p.iam.gserviceaccount.com`.
+pub fn normalise_delegate(d: &str) -> String {
+    if d.starts_with("projects/") {
+        d.to_string()
+    } else {
+        format!("projects/-/serviceAccounts/{d}")
+    }
 }
 
-impl TokenSlot {
-    /// The hot path: a ready `Bearer …` header value, or a single-flight mint when cold.
-    pub async fn authorization(&self) -> Result<HeaderValue, TokenError> {
-        Err(TokenError::Unavailable {
-            target: self.spec.target.clone(),
-            message: "not implemented".into(),
+/// A short, non-reversible name for a token, safe to log.
+pub fn fingerprint(token: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(token.as_bytes());
+    format!("sha256:{}", crate::emulator::jwt::hex(&d[..6]))
+}
+
+/// Whatever turns a spec into a token: IAM in production, a double in unit tests and benches.
+pub trait Mint: Send + Sync + 'static {
+    fn mint<'a>(
+        &'a self,
+        spec: &'a TokenSpec,
+    ) -> Pin<Box<dyn Future<Output = Result<Minted, TokenError>> + Send + 'a>>;
+}
+
+struct GoogleMinter {
+    source: source::Source,
+    iam: iam::IamClient,
+}
+
+impl Mint for GoogleMinter {
+    fn mint<'a>(
+        &'a self,
+        spec: &'a TokenSpec,
+    ) -> Pin<Box<dyn Future<Output = Result<Minted, TokenError>> + Send + 'a>> {
+        Box::pin(async move {
+            let bearer = self.source.token().await?;
+            self.iam.mint(&bearer, spec).await
         })
     }
+}
 
-    pub fn spec(&self) -> &TokenSpec {
-        &self.spec
+/// Refresh and serving rules, from `tokens:` in the config.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub refresh_margin: Option<Duration>,
+    pub jitter: Duration,
+    pub safety_window: Duration,
+}
+
+impl From<&TokensConfig> for Settings {
+    fn from(t: &TokensConfig) -> Settings {
+        Settings {
+            refresh_margin: t.refresh_margin,
+            jitter: t.jitter,
+            safety_window: t.safety_window,
+        }
     }
 }
 
-pub struct TokenEngine {}
+pub struct TokenEngine {
+    minter: Arc<dyn Mint>,
+    settings: Settings,
+    slots: DashMap<TokenSpec, Arc<TokenSlot>>,
+    principal: String,
+    metrics: Arc<TokenMetrics>,
+}
 
 impl TokenEngine {
     /// Build the source credential and IAM client from config. No network call.
-    pub async fn from_config(_config: &Config) -> Result<Arc<TokenEngine>, TokenError> {
-        Ok(Arc::new(TokenEngine {}))
+    pub async fn from_config(config: &Config) -> Result<Arc<TokenEngine>, TokenError> {
+        let http = reqwest::Client::builder()
+            .timeout(config.iam.timeout)
+            .connect_timeout(config.iam.timeout)
+            .build()
+            .map_err(|e| TokenError::Source {
+                message: format!("cannot build the HTTP client: {e}"),
+            })?;
+        let source = source::Source::from_config(&config.source, http.clone())?;
+        let principal = source.principal().to_string();
+        let minter = GoogleMinter {
+            source,
+            iam: iam::IamClient::new(http, &config.iam.endpoint),
+        };
+        Ok(TokenEngine::with_minter(
+            Arc::new(minter),
+            Settings::from(&config.tokens),
+            principal,
+        ))
     }
 
-    /// The cache entry for a spec, created (cold) on first call and registered with the
-    /// refresher.
+    /// An engine over any minter (tests, benches).
+    pub fn with_minter(
+        minter: Arc<dyn Mint>,
+        settings: Settings,
+        principal: String,
+    ) -> Arc<TokenEngine> {
+        Arc::new(TokenEngine {
+            minter,
+            settings,
+            slots: DashMap::new(),
+            principal,
+            metrics: Arc::new(TokenMetrics::default()),
+        })
+    }
+
+    /// The cache entry for a spec, created (cold) on first call and given a refresher.
     pub fn slot(&self, spec: TokenSpec) -> Arc<TokenSlot> {
-        Arc::new(TokenSlot { spec })
+        self.slots
+            .entry(spec.clone())
+            .or_insert_with(|| {
+                TokenSlot::new(
+                    spec,
+                    self.minter.clone(),
+                    self.settings.clone(),
+                    self.metrics.clone(),
+                )
+            })
+            .clone()
     }
 
-    /// Mint every slot created so far; one result per slot.
+    /// Mint every slot created so far, concurrently; one result per slot.
     pub async fn warm(&self) -> Vec<(TokenSpec, Result<(), TokenError>)> {
-        Vec::new()
+        let slots: Vec<Arc<TokenSlot>> = self.slots.iter().map(|e| e.value().clone()).collect();
+        let tasks = slots.into_iter().map(|slot| async move {
+            let r = slot.authorization().await.map(|_| ());
+            (slot.spec().clone(), r)
+        });
+        futures_util::future::join_all(tasks).await
+    }
+
+    /// Every slot has a token that may be served now.
+    pub fn is_ready(&self) -> bool {
+        self.slots.iter().all(|e| e.value().is_ready())
+    }
+
+    pub fn metrics(&self) -> &TokenMetrics {
+        &self.metrics
     }
 
     /// Who credential A is, for audit lines (an email, or the ADC type when unknown).
     pub fn source_principal(&self) -> &str {
-        "unknown"
+        &self.principal
+    }
+
+    /// Prometheus lines for `/metrics`.
+    pub fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        let ready = self.slots.iter().filter(|e| e.value().is_ready()).count();
+        format!(
+            "# HELP impersonate_proxy_token_mints_total IAM mint attempts.\n# TYPE impersonate_proxy_token_mints_total counter\nimpersonate_proxy_token_mints_total {}\n\
+             # HELP impersonate_proxy_token_mint_failures_total Failed IAM mint attempts.\n# TYPE impersonate_proxy_token_mint_failures_total counter\nimpersonate_proxy_token_mint_failures_total {}\n\
+             # HELP impersonate_proxy_token_refreshes_total Background refreshes.\n# TYPE impersonate_proxy_token_refreshes_total counter\nimpersonate_proxy_token_refreshes_total {}\n\
+             # HELP impersonate_proxy_token_slots Token cache entries.\n# TYPE impersonate_proxy_token_slots gauge\nimpersonate_proxy_token_slots {}\n\
+             # HELP impersonate_proxy_token_slots_ready Entries with a servable token.\n# TYPE impersonate_proxy_token_slots_ready gauge\nimpersonate_proxy_token_slots_ready {}\n",
+            m.mints_total.load(Ordering::Relaxed),
+            m.mint_failures_total.load(Ordering::Relaxed),
+            m.refreshes_total.load(Ordering::Relaxed),
+            self.slots.len(),
+            ready,
+        )
     }
 }
