@@ -20,7 +20,7 @@ pub enum ProxyError {
         route: String,
         identity: String,
         #[source]
-        source: TokenError,
+        source: Box<TokenError>,
     },
     #[error("upstream {authority} unreachable: {message}")]
     Unreachable { authority: String, message: String },
@@ -87,10 +87,10 @@ mod tests {
         let err = ProxyError::NoToken {
             route: "bq".into(),
             identity: "jobs".into(),
-            source: TokenError::Unavailable {
+            source: Box::new(TokenError::Unavailable {
                 target: "jobs@p.iam.gserviceaccount.com".into(),
                 message: "Permission 'iam.serviceAccounts.getAccessToken' denied".into(),
-            },
+            }),
         };
         let resp = to_response(&err);
         assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);

@@ -117,7 +117,7 @@ async fn forward(
                 .map_err(|source| ProxyError::NoToken {
                     route: route.name.clone(),
                     identity: route.identity.clone().unwrap_or_default(),
-                    source,
+                    source: Box::new(source),
                 })?;
             // `insert` replaces every existing Authorization value, not just the first.
             parts.headers.insert(header::AUTHORIZATION, value);
