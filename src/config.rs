@@ -639,7 +639,10 @@ other_hosts: deny
         assert_eq!(c.identities.len(), 3);
         assert_eq!(c.routes.len(), 3);
         assert_eq!(c.identities["reader"].delegates.len(), 1);
-        assert_eq!(c.identities["jobs"].quota_project.as_deref(), Some("my-project"));
+        assert_eq!(
+            c.identities["jobs"].quota_project.as_deref(),
+            Some("my-project")
+        );
     }
 
     #[test]

@@ -8,17 +8,23 @@
 //! - [`ca`]: the local CA in `certs/`, leaf certificates per SNI name, rustls server configs.
 //! - [`tokens`]: the source credential, the IAM Credentials client, the token cache and refresher.
 //! - [`proxy`]: accept loop, CONNECT, interception or tunnel, request rewrite, upstream client.
+//! - [`server`]: start-up assembly: config → CA → tokens → sockets; used by `run`, demo, tests.
+//! - [`cli`]: the bodies of the CLI commands, with their exit codes.
+//! - [`demo`]: the offline demo.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`emulator`]: an offline IAM Credentials + OAuth2 + metadata server with Google's semantics.
 //! - [`origin`]: a local TLS origin standing in for `*.googleapis.com` (demo, tests, benches).
 
 pub mod admin;
 pub mod ca;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod emulator;
 pub mod origin;
 pub mod proxy;
 pub mod routes;
+pub mod server;
 pub mod tokens;
 
 /// Install aws-lc-rs as rustls' process-wide provider. Several crates in the tree enable

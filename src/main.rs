@@ -1,5 +1,154 @@
-//! The `impersonate-proxy` command line. (Stub.)
+//! The `impersonate-proxy` command line: parse arguments, set up tracing, load config, pick the
+//! exit code. Everything else lives in the library.
 
-fn main() {
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use impersonate_proxy::cli::{self, CliError};
+
+#[derive(Parser)]
+#[command(name = "impersonate-proxy", version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the proxy (and the admin endpoints).
+    Run {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+    },
+    /// Validate the config and print identities and routes; with --url, a dry run.
+    Check {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Say which route and identity a request to this URL would get.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, default_value = "GET", requires = "url")]
+        method: String,
+    },
+    /// Print a token for a configured identity.
+    Token {
+        identity: String,
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        /// An ID token instead of an access token.
+        #[arg(long, requires = "audience")]
+        id_token: bool,
+        #[arg(long)]
+        audience: Option<String>,
+    },
+    /// Manage the local CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// Print the environment lines that point clients at the proxy and its CA.
+    Env {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+    },
+    /// Serve the offline Google emulator (IAM Credentials, OAuth2, STS, metadata, tokeninfo).
+    Emulator {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8081")]
+        listen: std::net::SocketAddr,
+    },
+    /// Offline demo: emulator, local stand-in origin and the proxy, with requests through it.
+    Demo {
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Exit after the requests instead of serving until Ctrl-C.
+        #[arg(long)]
+        once: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the CA certificate and key (key mode 0600).
+    Init {
+        #[arg(long, short, default_value = "config.yaml")]
+        config: PathBuf,
+        /// Replace an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
     impersonate_proxy::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run { config } => cli::run(&config).await,
+            Command::Check {
+                config,
+                url,
+                method,
+            } => cli::check(&config, url.as_deref(), &method),
+            Command::Token {
+                identity,
+                config,
+                id_token,
+                audience,
+            } => {
+                let audience = if id_token { audience } else { None };
+                cli::token(&config, &identity, audience.as_deref()).await
+            }
+            Command::Ca {
+                command: CaCommand::Init { config, force },
+            } => cli::ca_init(&config, force),
+            Command::Env { config } => cli::env(&config),
+            Command::Emulator { policy, listen } => cli::emulator(&policy, listen).await,
+            Command::Demo { listen, once } => impersonate_proxy::demo::run(listen, once)
+                .await
+                .map_err(CliError::Other),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }

@@ -1,0 +1,249 @@
+//! The bodies of the CLI commands, kept out of `main.rs` so that they return typed errors and
+//! the start-up order (config → CA → tokens → sockets) lives in one place.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use http::Method;
+
+use crate::ca::{CaError, CertificateAuthority};
+use crate::config::{Config, ConfigError};
+use crate::routes::{Action, RouteTable};
+use crate::tokens::{TokenEngine, TokenError, TokenSpec};
+
+/// One error per failing stage, each with its own exit code so scripts can tell a bad config
+/// from an unreachable IAM.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Config(_) => 3,
+            CliError::Ca(_) => 4,
+            CliError::Token(_) => 5,
+            CliError::Other(_) => 1,
+        }
+    }
+}
+
+/// `check`: validate, print identities and the route table; with a URL, the dry run.
+pub fn check(config_path: &Path, url: Option<&str>, method: &str) -> Result<(), CliError> {
+    let config = Config::load(config_path)?;
+    let table = RouteTable::compile(&config)?;
+    match url {
+        None => {
+            println!("{}: ok", config_path.display());
+            println!("\nidentities:");
+            for (name, id) in &config.identities {
+                let chain = if id.delegates.is_empty() {
+                    String::new()
+                } else {
+                    format!(" via {}", id.delegates.join(" -> "))
+                };
+                println!(
+                    "  {name}: {}{chain} (lifetime {}s)",
+                    id.service_account,
+                    id.lifetime.as_secs()
+                );
+            }
+            println!("\nroutes (first match wins):\n{}", table.describe());
+            println!(
+                "other hosts: {:?}; unmatched paths on routed hosts: {:?}",
+                config.other_hosts, config.unmatched
+            );
+        }
+        Some(url) => println!("{}", dry_run(&config, &table, url, method)?),
+    }
+    Ok(())
+}
+
+/// Which route and identity a request would get, in one line.
+pub fn dry_run(
+    config: &Config,
+    table: &RouteTable,
+    url: &str,
+    method: &str,
+) -> Result<String, CliError> {
+    let parsed =
+        url::Url::parse(url).map_err(|e| CliError::Other(format!("`{url}` is not a URL: {e}")))?;
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| CliError::Other(format!("`{url}` has no host")))?
+        .to_ascii_lowercase();
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| CliError::Other(format!("`{method}` is not an HTTP method")))?;
+    let port = parsed.port_or_known_default().unwrap_or(443);
+    if !config.allowed_ports.contains(&port) {
+        return Ok(format!("{method} {url}: refused (port {port} not allowed)"));
+    }
+    if !table.routes_host(&host) {
+        return Ok(format!(
+            "{method} {url}: no route names {host}: {}",
+            match config.other_hosts {
+                crate::config::OtherHosts::Tunnel => "tunnelled blind, Authorization untouched",
+                crate::config::OtherHosts::Deny => "refused (403)",
+            }
+        ));
+    }
+    let Some(index) = table.find(&host, parsed.path(), &method) else {
+        return Ok(format!(
+            "{method} {url}: {host} is routed but no rule matches this path/method: {}",
+            match config.unmatched {
+                crate::config::Unmatched::Forward => "forwarded unchanged",
+                crate::config::Unmatched::Deny => "refused (403)",
+            }
+        ));
+    };
+    let route = table
+        .get(index)
+        .ok_or_else(|| CliError::Other("route table is inconsistent".into()))?;
+    let what = match &route.action {
+        Action::Access { identity } => {
+            let sa = config
+                .identities
+                .get(identity)
+                .map(|i| i.service_account.as_str())
+                .unwrap_or("?");
+            format!("access token of `{identity}` ({sa})")
+        }
+        Action::IdToken {
+            identity, audience, ..
+        } => {
+            let sa = config
+                .identities
+                .get(identity)
+                .map(|i| i.service_account.as_str())
+                .unwrap_or("?");
+            format!("ID token of `{identity}` ({sa}) for audience {audience}")
+        }
+        Action::Passthrough => "forwarded with its own Authorization (passthrough)".into(),
+    };
+    Ok(format!("{method} {url}: route `{}` → {what}", route.name))
+}
+
+/// `token`: mint once and print, like `gcloud auth print-access-token`.
+pub async fn token(
+    config_path: &Path,
+    identity: &str,
+    audience: Option<&str>,
+) -> Result<(), CliError> {
+    let config = Config::load(config_path)?;
+    let id = config.identities.get(identity).ok_or_else(|| {
+        CliError::Other(format!(
+            "no identity `{identity}` in {} (have: {})",
+            config_path.display(),
+            config
+                .identities
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let spec = match audience {
+        Some(aud) => TokenSpec::id_token(id, aud, true),
+        None => TokenSpec::access(id),
+    };
+    let engine = TokenEngine::from_config(&config).await?;
+    let header = engine.slot(spec).authorization().await?;
+    let value = header
+        .to_str()
+        .map_err(|_| CliError::Other("the minted token is not printable".into()))?;
+    // Printing the token is this command's whole purpose, on the user's own terminal.
+    println!("{}", value.strip_prefix("Bearer ").unwrap_or(value));
+    Ok(())
+}
+
+/// `ca init`.
+pub fn ca_init(config_path: &Path, force: bool) -> Result<(), CliError> {
+    let ca_cfg = if config_path.exists() {
+        Config::load(config_path)?.ca
+    } else {
+        Config::default().ca
+    };
+    CertificateAuthority::create(&ca_cfg.cert, &ca_cfg.key, force)?;
+    println!(
+        "created {} and {} (mode 0600)",
+        ca_cfg.cert.display(),
+        ca_cfg.key.display()
+    );
+    Ok(())
+}
+
+/// `env`: export lines for every kind of client, with a merged bundle next to the CA.
+pub fn env(config_path: &Path) -> Result<(), CliError> {
+    let config = Config::load(config_path)?;
+    let ca = CertificateAuthority::load_or_create(&config.ca)?;
+    let bundle = config.ca.cert.with_file_name("bundle.pem");
+    ca.write_bundle(&bundle)?;
+    let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    print!(
+        "{}",
+        crate::ca::env_lines(
+            &abs(&config.ca.cert),
+            &abs(&bundle),
+            &format!("http://{}", config.listen)
+        )
+    );
+    Ok(())
+}
+
+/// `emulator`: serve until Ctrl-C.
+pub async fn emulator(policy_path: &Path, listen: SocketAddr) -> Result<(), CliError> {
+    let policy = crate::emulator::Policy::load(policy_path)
+        .map_err(|e| CliError::Other(format!("{}: {e}", policy_path.display())))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| CliError::Other(format!("cannot listen on {listen}: {e}")))?;
+    let handle = crate::emulator::start(listener, policy)
+        .await
+        .map_err(|e| CliError::Other(e.to_string()))?;
+    tracing::info!(url = %handle.url(), "emulator serving");
+    wait_for_ctrl_c().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// `run`: config → CA → tokens → sockets, then serve until Ctrl-C/SIGTERM and drain.
+pub async fn run(config_path: &Path) -> Result<(), CliError> {
+    let config = Config::load(config_path)?;
+    let server = crate::server::Server::start(config).await?;
+    tracing::info!(listen = %server.proxy_addr(), "impersonate-proxy serving");
+    wait_for_ctrl_c().await;
+    tracing::info!("shutting down: draining connections");
+    server.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what Kubernetes sends).
+pub async fn wait_for_ctrl_c() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
