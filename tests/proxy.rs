@@ -1,0 +1,452 @@
+//! The proxy end to end: real clients (reqwest, curl, raw sockets) through the proxy to a
+//! local TLS origin, with tokens from the emulator.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::*;
+use impersonate_proxy::config::{OtherHosts, Unmatched};
+
+#[tokio::test]
+async fn two_routes_reach_the_origin_as_two_identities_and_junk_auth_is_replaced() {
+    let sb = sandbox().await;
+    let client = sb.client().unwrap();
+    let r = client
+        .get("https://storage.googleapis.com/storage/v1/b/prod-logs/o")
+        .bearer_auth("junk-from-the-client")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["identity"], READER);
+    let r = client
+        .post("https://bigquery.googleapis.com/bigquery/v2/projects/p/jobs")
+        .header("authorization", "Bearer one")
+        .header("authorization", "Basic two")
+        .send()
+        .await
+        .unwrap();
+    let body = json(r).await;
+    assert_eq!(body["identity"], JOBS);
+    assert_eq!(body["user_project"], "demo-project");
+    let seen = sb.origin.seen();
+    assert_eq!(seen.len(), 2);
+    for s in &seen {
+        let auths: Vec<_> = s.headers.get_all("authorization").iter().collect();
+        assert_eq!(
+            auths.len(),
+            1,
+            "exactly one Authorization reaches the origin"
+        );
+        let token = s.bearer().unwrap();
+        assert!(token.starts_with("ya29.emu."), "an emulator-issued token");
+        assert!(sb.emulator.token_info(token).is_some());
+    }
+    assert_eq!(seen[0].host, "storage.googleapis.com");
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn curl_through_the_proxy_gets_the_routes_identity() {
+    let sb = sandbox().await;
+    let out = curl(
+        &sb,
+        &[
+            "-H",
+            "Authorization: Bearer junk",
+            "https://storage.googleapis.com/storage/v1/b/dev-bucket/o",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["identity"], DEV);
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn keep_alive_reuses_one_client_connection_and_one_upstream_connection() {
+    let sb = sandbox().await;
+    let client = sb.client().unwrap();
+    for i in 0..20 {
+        let r = client
+            .get(format!(
+                "https://storage.googleapis.com/storage/v1/b/prod-{i}/o"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let m = &sb.server.state().metrics;
+    assert_eq!(m.intercepts_total.load(Ordering::SeqCst), 1);
+    assert_eq!(sb.origin.connections(), 1, "upstream leg pooled");
+    assert_eq!(sb.origin.seen().len(), 20);
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_connection_close_does_not_cost_an_upstream_handshake() {
+    let sb = sandbox().await;
+    for _ in 0..5 {
+        let out = curl(
+            &sb,
+            &[
+                "--http1.1",
+                "-H",
+                "Connection: close",
+                "https://bigquery.googleapis.com/x",
+            ],
+        )
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        sb.server
+            .state()
+            .metrics
+            .intercepts_total
+            .load(Ordering::SeqCst),
+        5
+    );
+    assert_eq!(sb.origin.connections(), 1, "upstream stays pooled");
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unrouted_host_is_tunnelled_blind() {
+    let sb = sandbox().await;
+    // The client trusts only the origin's own CA: the handshake can only succeed end to end
+    // with the origin, so the proxy never saw plaintext.
+    let origin_ca = reqwest::Certificate::from_pem(sb.origin.ca_pem().as_bytes()).unwrap();
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(sb.proxy_url()).unwrap())
+        .tls_certs_only([origin_ca])
+        .resolve("blind.example.com", sb.origin.addr())
+        .build()
+        .unwrap();
+    let r = client
+        .get("https://blind.example.com/anything")
+        .bearer_auth("the-clients-own")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = sb.origin.seen();
+    assert_eq!(seen[0].bearer(), Some("the-clients-own"), "untouched");
+    let m = &sb.server.state().metrics;
+    assert_eq!(m.tunnels_total.load(Ordering::SeqCst), 1);
+    assert_eq!(m.intercepts_total.load(Ordering::SeqCst), 0);
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn other_hosts_deny_refuses_connect_with_403() {
+    let sb = sandbox_with(|c| c.other_hosts = OtherHosts::Deny).await;
+    let resp = raw(
+        sb.server.proxy_addr(),
+        b"CONNECT blind.example.com:443 HTTP/1.1\r\nHost: blind.example.com:443\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("\"PERMISSION_DENIED\""), "{resp}");
+    assert!(resp.contains("other_hosts: deny"), "{resp}");
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn unmatched_path_on_a_routed_host_is_refused_or_forwarded_untouched() {
+    let drop_catch_all = |c: &mut impersonate_proxy::config::Config| {
+        c.routes.retain(|r| r.host != "*.googleapis.com");
+    };
+    let sb = sandbox_with(|c| {
+        drop_catch_all(c);
+        c.unmatched = Unmatched::Deny;
+    })
+    .await;
+    let client = sb.client().unwrap();
+    let r = client
+        .get("https://storage.googleapis.com/storage/v1/b/dev-bucket/o")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v = json(r).await;
+    assert_eq!(v["error"]["status"], "PERMISSION_DENIED");
+    assert!(sb.origin.seen().is_empty());
+    sb.shutdown().await;
+
+    let sb = sandbox_with(drop_catch_all).await;
+    let client = sb.client().unwrap();
+    let r = client
+        .delete("https://storage.googleapis.com/storage/v1/b/prod-logs")
+        .bearer_auth("users-own")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        sb.origin.seen()[0].bearer(),
+        Some("users-own"),
+        "no identity given"
+    );
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_denied_identity_gets_503_with_googles_message_and_no_token() {
+    let sb = sandbox().await;
+    let r = sb
+        .client()
+        .unwrap()
+        .get("https://locked.googleapis.com/v1/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v = json(r).await;
+    assert_eq!(v["error"]["code"], 503);
+    assert_eq!(v["error"]["status"], "UNAVAILABLE");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("route `locked`") && msg.contains("identity `locked`"),
+        "{msg}"
+    );
+    assert!(msg.contains("iam.serviceAccounts.getAccessToken"), "{msg}");
+    assert!(!msg.contains("ya29"), "{msg}");
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn origin_down_is_a_502() {
+    // Point the route at a port nobody listens on.
+    let sb = sandbox_with(|c| {
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = dead.local_addr().unwrap();
+        drop(dead);
+        c.upstream
+            .resolve
+            .insert("bigquery.googleapis.com:443".into(), addr);
+    })
+    .await;
+    let r = sb
+        .client()
+        .unwrap()
+        .get("https://bigquery.googleapis.com/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let v = json(r).await;
+    assert_eq!(v["error"]["status"], "UNAVAILABLE");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("bigquery.googleapis.com:443"));
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_and_refused_requests_get_clean_errors() {
+    let sb = sandbox().await;
+    let addr = sb.server.proxy_addr();
+    // Origin-form to the proxy itself: not an open relay, not a web server.
+    let r = raw(addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(r.contains("INVALID_ARGUMENT"), "{r}");
+    // CONNECT without a port.
+    let r = raw(
+        addr,
+        b"CONNECT storage.googleapis.com HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    // A port that is not allowed.
+    let r = raw(
+        addr,
+        b"CONNECT storage.googleapis.com:22 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 403"), "{r}");
+    assert!(r.contains("port 22"), "{r}");
+    // Garbage.
+    let r = raw(addr, b"\x16\x03\x01 not http at all\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400") || r.is_empty(), "{r}");
+    // The proxy still serves after all that.
+    let ok = sb
+        .client()
+        .unwrap()
+        .get("https://bigquery.googleapis.com/x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn absolute_form_http_obeys_the_port_policy() {
+    let sb = sandbox_with(|c| {
+        c.routes.push(impersonate_proxy::config::RouteConfig {
+            name: Some("plain".into()),
+            host: "plain.test".into(),
+            path: None,
+            methods: vec![],
+            identity: None,
+            id_token: None,
+            passthrough: true,
+        });
+    })
+    .await;
+    let r = raw(
+        sb.server.proxy_addr(),
+        b"GET http://plain.test:8/ HTTP/1.1\r\nHost: plain.test:8\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 403"), "port 8 is not allowed: {r}");
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn h2_on_both_legs_each_request_with_its_routes_token() {
+    let sb = sandbox().await;
+    let client = sb.client().unwrap();
+    let a = client
+        .get("https://storage.googleapis.com/storage/v1/b/prod-a/o")
+        .send();
+    let b = client
+        .get("https://storage.googleapis.com/storage/v1/b/dev-b/o")
+        .send();
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(
+        a.version(),
+        http::Version::HTTP_2,
+        "client leg negotiated h2"
+    );
+    assert_eq!(json(a).await["identity"], READER);
+    assert_eq!(json(b).await["identity"], DEV);
+    for s in sb.origin.seen() {
+        assert_eq!(
+            s.version,
+            http::Version::HTTP_2,
+            "upstream leg negotiated h2"
+        );
+    }
+    // An HTTP/1.1-only client to the same h2 origin.
+    let out = curl(
+        &sb,
+        &["--http1.1", "https://pubsub.googleapis.com/v1/topics"],
+    )
+    .await;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["identity"], DEV);
+    assert_eq!(v["version"], "HTTP/2.0");
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_hundred_mib_streams_both_ways_with_flat_memory() {
+    const N: u64 = 100 * 1024 * 1024;
+    let sb = sandbox().await;
+    let client = sb.client().unwrap();
+    // Warm up the connection and allocator first, then measure the peak across the transfer.
+    client
+        .get("https://storage.googleapis.com/download?bytes=1")
+        .send()
+        .await
+        .unwrap();
+    let before = peak_rss_kib();
+
+    let mut resp = client
+        .get(format!("https://storage.googleapis.com/download?bytes={N}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = 0u64;
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        got += chunk.len() as u64;
+    }
+    assert_eq!(got, N);
+
+    let chunks = futures_util::stream::iter(
+        (0..(N / (64 * 1024)))
+            .map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 64 * 1024]))),
+    );
+    let r = client
+        .post("https://storage.googleapis.com/upload")
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(json(r).await["received"], N);
+    assert_eq!(sb.origin.uploaded(), N);
+
+    let growth_mib = (peak_rss_kib().saturating_sub(before)) / 1024;
+    eprintln!("peak RSS growth across 2 x 100 MiB: {growth_mib} MiB");
+    assert!(
+        growth_mib < 48,
+        "bodies must stream, not buffer: grew {growth_mib} MiB"
+    );
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_health_readiness_and_metrics() {
+    let sb = sandbox_with(|c| c.admin = Some(any_port())).await;
+    let admin = sb.server.admin_addr().unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |p: &'static str| http.get(format!("http://{admin}{p}")).send();
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    // `locked` can never be minted, so this replica never becomes ready.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(get("/readyz").await.unwrap().status(), 503);
+    sb.client()
+        .unwrap()
+        .get("https://bigquery.googleapis.com/x")
+        .send()
+        .await
+        .unwrap();
+    let m = get("/metrics").await.unwrap().text().await.unwrap();
+    assert!(
+        m.contains("impersonate_proxy_responses_total{class=\"2xx\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("impersonate_proxy_token_mints_total"), "{m}");
+    sb.shutdown().await;
+
+    let sb = sandbox_with(|c| {
+        c.admin = Some(any_port());
+        c.routes.retain(|r| r.identity.as_deref() != Some("locked"));
+    })
+    .await;
+    let admin = sb.server.admin_addr().unwrap();
+    let mut ready = false;
+    for _ in 0..50 {
+        if http
+            .get(format!("http://{admin}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            == 200
+        {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ready, "ready once every identity is warm");
+    sb.shutdown().await;
+}
