@@ -1,6 +1,8 @@
 //! The proxy end to end: real clients (reqwest, curl, raw sockets) through the proxy to a
 //! local TLS origin, with tokens from the emulator.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::sync::atomic::Ordering;

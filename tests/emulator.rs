@@ -1,0 +1,421 @@
+//! The emulator's Google semantics, over real HTTP with reqwest.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::{json, Value};
+
+use impersonate_proxy::emulator::{self, EmulatorHandle, Policy};
+
+const POLICY: &str = r#"
+users:
+  - { email: alice@example.com, client_id: cid, client_secret: csecret, refresh_token: rt-alice }
+service_accounts:
+  - email: hop@p.iam.gserviceaccount.com
+    token_creators: ["user:alice@example.com"]
+  - email: middle@p.iam.gserviceaccount.com
+    implicit_delegators: ["serviceAccount:hop@p.iam.gserviceaccount.com"]
+  - email: target@p.iam.gserviceaccount.com
+    token_creators: ["serviceAccount:middle@p.iam.gserviceaccount.com", "user:alice@example.com"]
+  - email: long@p.iam.gserviceaccount.com
+    token_creators: ["user:alice@example.com"]
+    lifetime_extension: true
+  - email: island@p.iam.gserviceaccount.com
+    token_creators: []
+external_subjects:
+  - { subject_token: oidc-from-ci, principal: "principal://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/subject/job" }
+metadata:
+  service_account: hop@p.iam.gserviceaccount.com
+"#;
+
+async fn start(policy: &str) -> EmulatorHandle {
+    impersonate_proxy::install_crypto_provider();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    emulator::start(l, Policy::from_yaml(policy).unwrap())
+        .await
+        .unwrap()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().build().unwrap()
+}
+
+async fn alice_token(emu: &EmulatorHandle) -> String {
+    let v: Value = http()
+        .post(format!("{}/token", emu.url()))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("client_id", "cid"),
+            ("client_secret", "csecret"),
+            ("refresh_token", "rt-alice"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["access_token"].as_str().unwrap().to_string()
+}
+
+async fn generate(emu: &EmulatorHandle, bearer: &str, sa: &str, body: Value) -> (u16, Value) {
+    let r = http()
+        .post(format!(
+            "{}/v1/projects/-/serviceAccounts/{sa}:generateAccessToken",
+            emu.url()
+        ))
+        .bearer_auth(bearer)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn assert_google_error(v: &Value, code: u64, status: &str) {
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert_eq!(v["error"]["status"], status, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    assert!(v["error"]["details"].is_array(), "{v}");
+}
+
+const SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+#[tokio::test]
+async fn direct_and_delegated_impersonation_and_their_failures() {
+    let emu = start(POLICY).await;
+    let alice = alice_token(&emu).await;
+
+    let (code, v) = generate(
+        &emu,
+        &alice,
+        "target@p.iam.gserviceaccount.com",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let token = v["accessToken"].as_str().unwrap();
+    let expire = v["expireTime"].as_str().unwrap();
+    assert!(
+        expire.len() == 20 && expire.ends_with('Z'),
+        "2020-04-07T15:01:23Z form: {expire}"
+    );
+    let info = emu.token_info(token).unwrap();
+    assert_eq!(info.principal, "target@p.iam.gserviceaccount.com");
+
+    // alice -> hop -> middle (implicitDelegation only) -> target.
+    let chain = json!({"scope": [SCOPE], "delegates": [
+        "projects/-/serviceAccounts/hop@p.iam.gserviceaccount.com",
+        "projects/-/serviceAccounts/middle@p.iam.gserviceaccount.com"]});
+    let (code, v) = generate(&emu, &alice, "target@p.iam.gserviceaccount.com", chain).await;
+    assert_eq!(code, 200, "{v}");
+
+    // Broken chain: hop holds nothing on target directly.
+    let broken = json!({"scope": [SCOPE], "delegates": ["projects/-/serviceAccounts/hop@p.iam.gserviceaccount.com"]});
+    let (code, v) = generate(&emu, &alice, "target@p.iam.gserviceaccount.com", broken).await;
+    assert_eq!(code, 403);
+    assert_google_error(&v, 403, "PERMISSION_DENIED");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("iam.serviceAccounts"),
+        "{v}"
+    );
+
+    // Missing role.
+    let (code, v) = generate(
+        &emu,
+        &alice,
+        "island@p.iam.gserviceaccount.com",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert_google_error(&v, 403, "PERMISSION_DENIED");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("getAccessToken"));
+
+    // Unknown account, unknown delegate.
+    let (code, v) = generate(
+        &emu,
+        &alice,
+        "ghost@p.iam.gserviceaccount.com",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 404);
+    assert_google_error(&v, 404, "NOT_FOUND");
+    // Bare-email delegates are not Google's format.
+    let (code, v) = generate(
+        &emu,
+        &alice,
+        "target@p.iam.gserviceaccount.com",
+        json!({"scope": [SCOPE], "delegates": ["hop@p.iam.gserviceaccount.com"]}),
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert_google_error(&v, 400, "INVALID_ARGUMENT");
+
+    // No scope.
+    let (code, v) = generate(&emu, &alice, "target@p.iam.gserviceaccount.com", json!({})).await;
+    assert_eq!(code, 400);
+    assert_google_error(&v, 400, "INVALID_ARGUMENT");
+
+    // Lifetimes: over an hour needs the extension; over 12 h never.
+    let body = |l: &str| json!({"scope": [SCOPE], "lifetime": l});
+    assert_eq!(
+        generate(
+            &emu,
+            &alice,
+            "target@p.iam.gserviceaccount.com",
+            body("7200s")
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        generate(
+            &emu,
+            &alice,
+            "long@p.iam.gserviceaccount.com",
+            body("7200s")
+        )
+        .await
+        .0,
+        200
+    );
+    assert_eq!(
+        generate(
+            &emu,
+            &alice,
+            "long@p.iam.gserviceaccount.com",
+            body("50000s")
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        generate(
+            &emu,
+            &alice,
+            "long@p.iam.gserviceaccount.com",
+            body("ten minutes")
+        )
+        .await
+        .0,
+        400
+    );
+
+    // No or a bogus caller token.
+    let (code, v) = generate(
+        &emu,
+        "ya29.forged",
+        "target@p.iam.gserviceaccount.com",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 401);
+    assert_google_error(&v, 401, "UNAUTHENTICATED");
+    assert_eq!(emulator::Stats::get(&emu.stats().generate_access_token), 12);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn id_tokens_verify_against_the_jwks() {
+    use base64::Engine as _;
+    let emu = start(POLICY).await;
+    let alice = alice_token(&emu).await;
+    let v: Value = http()
+        .post(format!(
+            "{}/v1/projects/-/serviceAccounts/target@p.iam.gserviceaccount.com:generateIdToken",
+            emu.url()
+        ))
+        .bearer_auth(&alice)
+        .json(&json!({"audience": "https://svc.a.run.app", "includeEmail": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["token"].as_str().unwrap();
+    let jwks: Value = http()
+        .get(format!("{}/oauth2/v3/certs", emu.url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = &jwks["keys"][0];
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let n = b64.decode(key["n"].as_str().unwrap()).unwrap();
+    let e = b64.decode(key["e"].as_str().unwrap()).unwrap();
+    let parts: Vec<&str> = token.split('.').collect();
+    let header: Value = serde_json::from_slice(&b64.decode(parts[0]).unwrap()).unwrap();
+    assert_eq!(header["alg"], "RS256");
+    assert_eq!(header["kid"], key["kid"]);
+    let sig = b64.decode(parts[2]).unwrap();
+    let components = aws_lc_rs::signature::RsaPublicKeyComponents { n: &n, e: &e };
+    components
+        .verify(
+            &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+            format!("{}.{}", parts[0], parts[1]).as_bytes(),
+            &sig,
+        )
+        .expect("signature verifies with the published key");
+    let claims: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    assert_eq!(claims["aud"], "https://svc.a.run.app");
+    assert_eq!(claims["email"], "target@p.iam.gserviceaccount.com");
+    assert_eq!(claims["iss"], "https://accounts.google.com");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(claims["exp"].as_u64().unwrap() > now);
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn metadata_sts_and_tokeninfo() {
+    let emu = start(POLICY).await;
+    let http = http();
+
+    // Metadata: Metadata-Flavor is required.
+    let url = format!(
+        "{}/computeMetadata/v1/instance/service-accounts/default/token",
+        emu.url()
+    );
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 403);
+    let v: Value = http
+        .get(&url)
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let t = v["access_token"].as_str().unwrap();
+    assert_eq!(
+        emu.token_info(t).unwrap().principal,
+        "hop@p.iam.gserviceaccount.com"
+    );
+
+    // STS exchange of an accepted subject token; a wrong one is refused.
+    let form = |subject: &'static str| {
+        [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+        ("subject_token", subject),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("audience", "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/providers/gh"),
+    ]
+    };
+    let r = http
+        .post(format!("{}/v1/token", emu.url()))
+        .form(&form("oidc-from-ci"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = http
+        .post(format!("{}/v1/token", emu.url()))
+        .form(&form("forged"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_grant");
+
+    // tokeninfo: valid, unknown.
+    let r = http
+        .get(format!("{}/tokeninfo?access_token={t}", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    let info: Value = r.json().await.unwrap();
+    assert_eq!(info["email"], "hop@p.iam.gserviceaccount.com");
+    assert!(info["expires_in"].as_str().unwrap().parse::<u64>().unwrap() > 3000);
+    let r = http
+        .get(format!("{}/tokeninfo?access_token=ya29.nope", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid_token");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn expired_tokens_are_refused_everywhere() {
+    let emu = start(&format!("{POLICY}token_lifetime: 1s\n")).await;
+    let alice = alice_token(&emu).await;
+    let (code, v) = generate(
+        &emu,
+        &alice,
+        "target@p.iam.gserviceaccount.com",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let t = v["accessToken"].as_str().unwrap().to_string();
+    assert!(emu.token_info(&t).is_some());
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert!(emu.token_info(&t).is_none());
+    let r = http()
+        .get(format!("{}/tokeninfo?access_token={t}", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let (code, _) = generate(
+        &emu,
+        &alice,
+        "target@p.iam.gserviceaccount.com",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 401, "an expired caller token no longer authenticates");
+    emu.shutdown().await;
+}
+
+#[tokio::test]
+async fn faults_on_demand() {
+    let emu = start(POLICY).await;
+    let alice = alice_token(&emu).await;
+    let call = || {
+        generate(
+            &emu,
+            &alice,
+            "target@p.iam.gserviceaccount.com",
+            json!({"scope": [SCOPE]}),
+        )
+    };
+    emu.faults().set_burst_429(3);
+    for _ in 0..3 {
+        let (code, v) = call().await;
+        assert_eq!(code, 429);
+        assert_google_error(&v, 429, "RESOURCE_EXHAUSTED");
+    }
+    assert_eq!(call().await.0, 200);
+    emu.faults().set_error_rate(1.0);
+    for _ in 0..5 {
+        assert_eq!(call().await.0, 503);
+    }
+    emu.faults().clear();
+    emu.faults().set_down(true);
+    assert_eq!(call().await.0, 503);
+    emu.faults().set_down(false);
+    assert_eq!(call().await.0, 200);
+    assert_eq!(emulator::Stats::get(&emu.stats().failures_injected), 9);
+    emu.shutdown().await;
+}
