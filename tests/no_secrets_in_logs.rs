@@ -1,0 +1,65 @@
+//! Capture every log line the proxy, token engine and emulator write at TRACE while serving
+//! real traffic, and check that no token, refresh token or client secret appears in them.
+//! Its own test binary, because it installs the process-wide subscriber.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_the_logs() {
+    let capture = Capture::default();
+    let writer = capture.clone();
+    tracing_subscriber::fmt()
+        .with_env_filter("impersonate_proxy=trace,info")
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
+
+    let sb = common::sandbox().await;
+    let client = sb.client().unwrap();
+    for url in [
+        "https://storage.googleapis.com/storage/v1/b/prod-a/o",
+        "https://bigquery.googleapis.com/x",
+        "https://svc.a.run.app/",
+        "https://locked.googleapis.com/x",
+    ] {
+        client.get(url).bearer_auth("client-secret-bearer-xyz").send().await.unwrap();
+    }
+    let tokens: Vec<String> = sb
+        .origin
+        .seen()
+        .iter()
+        .filter_map(|s| s.bearer().map(String::from))
+        .collect();
+    assert!(tokens.len() >= 3, "traffic reached the origin with tokens");
+    sb.shutdown().await;
+
+    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("impersonate_proxy::access"), "the access log was captured");
+    assert!(logs.contains("minted"), "mints were logged (by fingerprint)");
+    for t in &tokens {
+        assert!(!logs.contains(t.as_str()), "a token leaked into the logs");
+        // Not even a long piece of one.
+        assert!(!logs.contains(&t[..24]), "a token prefix leaked into the logs");
+    }
+    for secret in ["demo-refresh-token", "demo-secret", "client-secret-bearer-xyz"] {
+        assert!(!logs.contains(secret), "`{secret}` leaked into the logs");
+    }
+}
