@@ -40,7 +40,12 @@ async fn no_secret_reaches_the_logs() {
         "https://svc.a.run.app/",
         "https://locked.googleapis.com/x",
     ] {
-        client.get(url).bearer_auth("client-secret-bearer-xyz").send().await.unwrap();
+        client
+            .get(url)
+            .bearer_auth("client-secret-bearer-xyz")
+            .send()
+            .await
+            .unwrap();
     }
     let tokens: Vec<String> = sb
         .origin
@@ -52,14 +57,27 @@ async fn no_secret_reaches_the_logs() {
     sb.shutdown().await;
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("impersonate_proxy::access"), "the access log was captured");
-    assert!(logs.contains("minted"), "mints were logged (by fingerprint)");
+    assert!(
+        logs.contains("impersonate_proxy::access"),
+        "the access log was captured"
+    );
+    assert!(
+        logs.contains("minted"),
+        "mints were logged (by fingerprint)"
+    );
     for t in &tokens {
         assert!(!logs.contains(t.as_str()), "a token leaked into the logs");
         // Not even a long piece of one.
-        assert!(!logs.contains(&t[..24]), "a token prefix leaked into the logs");
+        assert!(
+            !logs.contains(&t[..24]),
+            "a token prefix leaked into the logs"
+        );
     }
-    for secret in ["demo-refresh-token", "demo-secret", "client-secret-bearer-xyz"] {
+    for secret in [
+        "demo-refresh-token",
+        "demo-secret",
+        "client-secret-bearer-xyz",
+    ] {
         assert!(!logs.contains(secret), "`{secret}` leaked into the logs");
     }
 }
