@@ -1,0 +1,399 @@
+//! End-to-end load: the real `impersonate-proxy` binary (a subprocess, so its CPU can be read
+//! from /proc) between this tool and the local TLS origin, against the same origin reached
+//! directly in the same run. Loopback only; every phase is bounded in time.
+//!
+//! cargo bench --bench load                 # 5 s per phase
+//! LOAD_SECS=2 cargo bench --bench load     # quicker
+//!
+//! Modes: keep-alive with 64 connections; one connection (latency); a new connection per
+//! request (16 workers); h2 with 100 concurrent streams on one connection.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use impersonate_proxy::emulator::{self, Policy};
+use impersonate_proxy::origin::Origin;
+use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const HOST: &str = "storage.googleapis.com";
+const PATH: &str = "/storage/v1/b/prod-bench/o";
+
+#[derive(Clone)]
+struct Target {
+    /// Where TCP goes: the proxy, or the origin directly.
+    addr: SocketAddr,
+    via_proxy: bool,
+    tls: Arc<rustls::ClientConfig>,
+    tls_h2: Arc<rustls::ClientConfig>,
+}
+
+async fn open(t: &Target, h2: bool) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut tcp = TcpStream::connect(t.addr).await?;
+    tcp.set_nodelay(true)?;
+    if t.via_proxy {
+        tcp.write_all(
+            format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = [0u8; 512];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tcp.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::other("proxy closed during CONNECT"));
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        if !got.starts_with(b"HTTP/1.1 200") {
+            return Err(std::io::Error::other("CONNECT refused"));
+        }
+    }
+    let cfg = if h2 { t.tls_h2.clone() } else { t.tls.clone() };
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(ServerName::try_from(HOST).unwrap(), tcp)
+        .await
+}
+
+fn request() -> http::Request<Empty<Bytes>> {
+    http::Request::get(PATH)
+        .header("host", HOST)
+        .header("authorization", "Bearer client-junk")
+        .body(Empty::new())
+        .unwrap()
+}
+
+#[derive(Default)]
+struct Tally {
+    lat_us: Vec<u32>,
+    errors: u64,
+}
+
+async fn http1_conn(t: &Target, until: Instant, close_each: bool, tally: &mut Tally) {
+    loop {
+        let tls = open(t, false).await;
+        if let Err(e) = &tls {
+            if tally.errors == 0 {
+                eprintln!("connect via_proxy={}: {e}", t.via_proxy);
+            }
+        }
+        let Ok(tls) = tls else {
+            tally.errors += 1;
+            if Instant::now() >= until {
+                return;
+            }
+            continue;
+        };
+        let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await
+        else {
+            tally.errors += 1;
+            continue;
+        };
+        let driver = tokio::spawn(conn);
+        loop {
+            if Instant::now() >= until {
+                driver.abort();
+                return;
+            }
+            let start = Instant::now();
+            let mut req = request();
+            if close_each {
+                req.headers_mut()
+                    .insert("connection", http::HeaderValue::from_static("close"));
+            }
+            match send.send_request(req).await {
+                Ok(resp) => {
+                    let ok = resp.status() == 200;
+                    let _ = resp.into_body().collect().await;
+                    if ok {
+                        tally.lat_us.push(start.elapsed().as_micros() as u32);
+                    } else {
+                        tally.errors += 1;
+                    }
+                }
+                Err(e) => {
+                    if tally.errors == 0 {
+                        eprintln!("request via_proxy={}: {e}", t.via_proxy);
+                    }
+                    tally.errors += 1;
+                    break;
+                }
+            }
+            if close_each {
+                break;
+            }
+        }
+        driver.abort();
+    }
+}
+
+async fn h2_conn(t: &Target, until: Instant, streams: usize) -> Tally {
+    let tls = open(t, true).await.expect("h2 connection");
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2 handshake");
+    let driver = tokio::spawn(conn);
+    let workers: Vec<_> = (0..streams)
+        .map(|_| {
+            let mut send = send.clone();
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                while Instant::now() < until {
+                    let start = Instant::now();
+                    match send.send_request(request()).await {
+                        Ok(resp) if resp.status() == 200 => {
+                            let _ = resp.into_body().collect().await;
+                            tally.lat_us.push(start.elapsed().as_micros() as u32);
+                        }
+                        _ => tally.errors += 1,
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut all = Tally::default();
+    for w in workers {
+        let t = w.await.unwrap();
+        all.lat_us.extend(t.lat_us);
+        all.errors += t.errors;
+    }
+    driver.abort();
+    all
+}
+
+struct Phase {
+    rps: f64,
+    p50: u32,
+    p99: u32,
+    errors: u64,
+    requests: usize,
+}
+
+async fn phase(t: &Target, mode: &str, secs: f64) -> Phase {
+    let until = Instant::now() + Duration::from_secs_f64(secs);
+    let started = Instant::now();
+    let mut all = match mode {
+        "h2" => h2_conn(t, until, 100).await,
+        _ => {
+            let (conns, close) = match mode {
+                "keepalive" => (64, false),
+                "one" => (1, false),
+                _ => (16, true),
+            };
+            let tasks: Vec<_> = (0..conns)
+                .map(|_| {
+                    let t = t.clone();
+                    tokio::spawn(async move {
+                        let mut tally = Tally::default();
+                        http1_conn(&t, until, close, &mut tally).await;
+                        tally
+                    })
+                })
+                .collect();
+            let mut all = Tally::default();
+            for task in tasks {
+                let r = task.await.unwrap();
+                all.lat_us.extend(r.lat_us);
+                all.errors += r.errors;
+            }
+            all
+        }
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    all.lat_us.sort_unstable();
+    let pct = |p: f64| {
+        all.lat_us
+            .get(((all.lat_us.len() as f64 * p) as usize).min(all.lat_us.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    Phase {
+        rps: all.lat_us.len() as f64 / elapsed,
+        p50: pct(0.50),
+        p99: pct(0.99),
+        errors: all.errors,
+        requests: all.lat_us.len(),
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+fn client_tls(ca_pem: &str, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(cfg)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    impersonate_proxy::install_crypto_provider();
+    let secs: f64 = std::env::var("LOAD_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(secs));
+}
+
+async fn run(secs: f64) {
+    let dir = std::env::temp_dir().join(format!("ip-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emu = emulator::start(
+        l,
+        Policy::from_yaml(impersonate_proxy::demo::POLICY).unwrap(),
+    )
+    .await
+    .unwrap();
+    let origin = Origin::start(&[HOST], None).await.unwrap();
+    std::fs::write(dir.join("origin-ca.pem"), origin.ca_pem()).unwrap();
+    let port = {
+        let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap().port()
+    };
+    let config = format!(
+        r#"listen: 127.0.0.1:{port}
+admin: null
+ca: {{ cert: "{d}/ca.pem", key: "{d}/ca-key.pem" }}
+source: {{ file: "{d}/adc.json" }}
+iam: {{ endpoint: "http://{emu}" }}
+identities:
+  dev: {{ service_account: dev@demo-project.iam.gserviceaccount.com }}
+routes:
+  - {{ host: "*.googleapis.com", identity: dev }}
+upstream:
+  system_roots: false
+  extra_roots: ["{d}/origin-ca.pem"]
+  resolve: {{ "{HOST}:443": "{origin}" }}
+limits: {{ max_connections: 20000 }}
+"#,
+        d = dir.display(),
+        emu = emu.addr(),
+        origin = origin.addr(),
+    );
+    let adc = serde_json::json!({
+        "type": "authorized_user", "client_id": "demo-client.apps.example.com",
+        "client_secret": "demo-secret", "refresh_token": "demo-refresh-token",
+        "token_uri": format!("http://{}/token", emu.addr()),
+    });
+    std::fs::write(dir.join("adc.json"), adc.to_string()).unwrap();
+    let cfg_path: PathBuf = dir.join("config.yaml");
+    std::fs::write(&cfg_path, config).unwrap();
+    let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_impersonate-proxy"))
+        .args(["run", "--config"])
+        .arg(&cfg_path)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
+        .spawn()
+        .expect("start the proxy");
+    let pid = proxy.id();
+    let proxy_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..100 {
+        if TcpStream::connect(proxy_addr).await.is_ok() && dir.join("ca.pem").exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let Ok(proxy_ca) = std::fs::read_to_string(dir.join("ca.pem")) else {
+        let log = std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default();
+        panic!("the proxy did not start:\n{log}");
+    };
+    if let Ok(Some(status)) = proxy.try_wait() {
+        let log = std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default();
+        panic!("the proxy exited ({status}):\n{log}");
+    }
+    let via = Target {
+        addr: proxy_addr,
+        via_proxy: true,
+        tls: client_tls(&proxy_ca, &[b"http/1.1"]),
+        tls_h2: client_tls(&proxy_ca, &[b"h2"]),
+    };
+    let direct = Target {
+        addr: origin.addr(),
+        via_proxy: false,
+        tls: client_tls(origin.ca_pem(), &[b"http/1.1"]),
+        tls_h2: client_tls(origin.ca_pem(), &[b"h2"]),
+    };
+    // Warm: the token is minted and the upstream pool is open before anything is timed.
+    let _ = phase(&via, "one", 0.5).await;
+
+    println!(
+        "\nload: {secs} s per phase, loopback, {} cores shared by tool, proxy and origin\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!(
+        "{:<26} {:>10} {:>10} {:>8} {:>9} {:>9} {:>8} {:>14}",
+        "mode", "direct r/s", "proxy r/s", "ratio", "p50 d/p µs", "", "p99 p µs", "proxy CPU/req"
+    );
+    for (mode, label) in [
+        ("keepalive", "keep-alive, 64 conns"),
+        ("one", "keep-alive, 1 conn"),
+        ("new", "new conn per request (16)"),
+        ("h2", "h2, 1 conn x 100 streams"),
+    ] {
+        let d = phase(&direct, mode, secs).await;
+        let cpu0 = cpu_secs(pid);
+        let p = phase(&via, mode, secs).await;
+        let cpu = cpu_secs(pid) - cpu0;
+        let per_req_us = if p.requests > 0 {
+            cpu * 1e6 / p.requests as f64
+        } else {
+            0.0
+        };
+        println!(
+            "{:<26} {:>10.0} {:>10.0} {:>8.2} {:>9} {:>9} {:>8} {:>11.1} µs{}",
+            label,
+            d.rps,
+            p.rps,
+            p.rps / d.rps.max(1.0),
+            d.p50,
+            p.p50,
+            p.p99,
+            per_req_us,
+            if d.errors + p.errors > 0 {
+                format!("  (errors: direct {}, proxy {})", d.errors, p.errors)
+            } else {
+                String::new()
+            }
+        );
+        if mode == "one" {
+            println!("{:<26} added p50: {} µs", "", p.p50 as i64 - d.p50 as i64);
+        }
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    origin.shutdown();
+    emu.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
