@@ -54,7 +54,57 @@ fn google_status(code: StatusCode) -> &'static str {
     }
 }
 
-/// The one place an error becomes a response.
+/// gRPC's code for each of our statuses (the HTTP-to-gRPC mapping of the gRPC spec).
+fn grpc_code(code: StatusCode) -> u8 {
+    match code {
+        StatusCode::BAD_REQUEST => 3,     // INVALID_ARGUMENT
+        StatusCode::FORBIDDEN => 7,       // PERMISSION_DENIED
+        StatusCode::GATEWAY_TIMEOUT => 4, // DEADLINE_EXCEEDED
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => 14, // UNAVAILABLE
+        _ => 13,                          // INTERNAL
+    }
+}
+
+/// The one place an error becomes a response. A gRPC client (`content-type:
+/// application/grpc…`) gets a trailers-only answer with `grpc-status` and `grpc-message`, which
+/// its library turns into a status; anyone else gets Google's JSON error shape.
+pub fn to_response_for(err: &ProxyError, grpc: bool) -> Response<Body> {
+    if !grpc {
+        return to_response(err);
+    }
+    let message = format!("impersonate-proxy: {err}");
+    // grpc-message is percent-encoded; keep printable ASCII other than '%' as is.
+    let encoded: String = message
+        .bytes()
+        .map(|b| {
+            if (0x20..0x7f).contains(&b) && b != b'%' {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let mut resp = Response::new(
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(
+        "grpc-status",
+        http::HeaderValue::from(u16::from(grpc_code(err.status()))),
+    );
+    if let Ok(v) = http::HeaderValue::from_str(&encoded) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+/// Google's JSON error shape.
 pub fn to_response(err: &ProxyError) -> Response<Body> {
     let status = err.status();
     let body = serde_json::json!({
@@ -81,6 +131,26 @@ pub fn to_response(err: &ProxyError) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_clients_get_a_trailers_only_status() {
+        let err = ProxyError::Unreachable {
+            authority: "pubsub.googleapis.com:443".into(),
+            message: "connection refused 100%".into(),
+        };
+        let resp = to_response_for(&err, true);
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        let msg = resp.headers()["grpc-message"].to_str().unwrap();
+        assert!(
+            msg.contains("pubsub.googleapis.com:443") && msg.ends_with("100%25"),
+            "{msg}"
+        );
+        assert_eq!(
+            to_response_for(&err, false).status(),
+            StatusCode::BAD_GATEWAY
+        );
+    }
 
     #[tokio::test]
     async fn body_is_google_shaped_and_names_route_and_identity() {

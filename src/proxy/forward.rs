@@ -13,7 +13,7 @@ use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::error::{to_response, ProxyError};
+use super::error::{to_response_for, ProxyError};
 use super::{Body, ProxyState};
 use crate::config::Unmatched;
 
@@ -37,6 +37,10 @@ pub(crate) async fn request(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let index = state.routes.find(&target.host, &path, &method);
     let route = index.and_then(|i| state.targets.get(i));
     let route_name = route.map_or("-", |r| r.name.as_str());
@@ -61,7 +65,7 @@ pub(crate) async fn request(
                 _ => 0,
             };
             tracing::warn!(target: "impersonate_proxy::access", host = %target.host, path, error = %e, "request failed");
-            to_response(&e)
+            to_response_for(&e, grpc)
         }
     };
     let status = resp.status().as_u16();

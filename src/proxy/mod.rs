@@ -21,7 +21,7 @@ use http_body_util::combinators::BoxBody;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-pub use error::{to_response, ProxyError};
+pub use error::{to_response, to_response_for, ProxyError};
 
 use crate::ca::CertificateAuthority;
 use crate::config::Config;
