@@ -282,8 +282,9 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
     resp
 }
 
-/// A throwaway CA and a leaf for `names`, as a rustls server config with ALPN h2 + http/1.1.
-fn tls_config(names: &[&str]) -> Result<(rustls::ServerConfig, String), String> {
+/// A throwaway CA and a leaf for `names`, as a rustls server config with ALPN h2 + http/1.1,
+/// and the CA's PEM. Also used by test servers of other kinds (the gRPC origin).
+pub fn tls_config(names: &[&str]) -> Result<(rustls::ServerConfig, String), String> {
     let err = |e: rcgen::Error| format!("origin certificate: {e}");
     let ca_key = KeyPair::generate().map_err(err)?;
     let mut ca_params = CertificateParams::default();
