@@ -183,9 +183,7 @@ async fn dispatch(
     Ok(resp)
 }
 
-fn tokio_stream_from(
-    mut rx: tokio::sync::mpsc::Receiver<Result<Msg, Status>>,
-) -> impl Stream<Item = Result<Msg, Status>> {
+fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -330,10 +328,7 @@ async fn unary_and_streaming_calls_each_with_their_routes_identity() {
     c.ready().await.unwrap();
     let mut echoes = c
         .streaming(
-            Request::new(futures_util::stream::poll_fn({
-                let mut rx = rx;
-                move |cx| rx.poll_recv(cx)
-            })),
+            Request::new(tokio_stream_from(rx)),
             path("/google.pubsub.v1.Subscriber/StreamingPull"),
             codec(),
         )
@@ -497,10 +492,7 @@ async fn a_long_stream_outlives_token_refreshes() {
     c.ready().await.unwrap();
     let mut echoes = c
         .streaming(
-            Request::new(futures_util::stream::poll_fn({
-                let mut rx = rx;
-                move |cx| rx.poll_recv(cx)
-            })),
+            Request::new(tokio_stream_from(rx)),
             path("/google.pubsub.v1.Subscriber/StreamingPull"),
             codec(),
         )

@@ -155,7 +155,7 @@ async fn forward(
         Ok(Err(e)) => {
             return Err(ProxyError::Unreachable {
                 authority,
-                message: error_chain(&e),
+                message: crate::error_chain(&e),
             })
         }
         Err(_) => {
@@ -219,18 +219,6 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if keeps_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-}
-
-/// An error and its causes on one line, for logs and the client's message.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

@@ -131,7 +131,7 @@ async fn post(
         .await
         .map_err(|e| TokenError::Transport {
             target: target.to_string(),
-            message: chain(&e),
+            message: crate::error_chain(&e),
         })?;
     let status = resp.status();
     let v: Value = resp.json().await.unwrap_or(Value::Null);
@@ -177,16 +177,4 @@ pub(crate) fn jwt_exp(token: &str) -> Option<u64> {
         .ok()?
         .get("exp")?
         .as_u64()
-}
-
-/// An error and its sources on one line.
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -216,7 +216,10 @@ impl Source {
                     .send()
                     .await
                     .map_err(|e| {
-                        source_err(format!("metadata server {base}: {}", iam::chain(&e)))
+                        source_err(format!(
+                            "metadata server {base}: {}",
+                            crate::error_chain(&e)
+                        ))
                     })?;
                 oauth_answer(resp, "metadata server").await
             }
@@ -394,7 +397,7 @@ async fn oauth(
         .body(body)
         .send()
         .await
-        .map_err(|e| source_err(format!("{url}: {}", iam::chain(&e))))?;
+        .map_err(|e| source_err(format!("{url}: {}", crate::error_chain(&e))))?;
     oauth_answer(resp, url).await
 }
 
