@@ -452,3 +452,130 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     assert!(ready, "ready once every identity is warm");
     sb.shutdown().await;
 }
+
+/// An HTTP/1.1-only TLS origin that switches to an echo protocol on `Upgrade: echo` and answers
+/// anything else normally.
+async fn upgrade_origin() -> (std::net::SocketAddr, String) {
+    use hyper_util::rt::TokioIo;
+    let (mut tls, ca) = impersonate_proxy::origin::tls_config(&["ws.googleapis.com"]).unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(io) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    |mut req: http::Request<hyper::body::Incoming>| async move {
+                        let wants_echo = req.headers().get("upgrade").is_some_and(|v| v == "echo");
+                        let mut resp =
+                            http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
+                        if wants_echo {
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                let mut io = TokioIo::new(on.await.unwrap());
+                                let mut buf = [0u8; 64];
+                                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                                while let Ok(n) = io.read(&mut buf).await {
+                                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            });
+                            *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                            resp.headers_mut()
+                                .insert("upgrade", http::HeaderValue::from_static("echo"));
+                            resp.headers_mut()
+                                .insert("connection", http::HeaderValue::from_static("upgrade"));
+                        }
+                        Ok::<_, std::convert::Infallible>(resp)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(io), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, ca)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_requests_behave_as_the_origin_decides() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, ca) = upgrade_origin().await;
+    let ca_file =
+        std::env::temp_dir().join(format!("ws-ca-{}-{}.pem", std::process::id(), addr.port()));
+    std::fs::write(&ca_file, ca).unwrap();
+    let sb = sandbox_with(|c| {
+        c.upstream
+            .resolve
+            .insert("ws.googleapis.com:443".into(), addr);
+        c.upstream.extra_roots.push(ca_file.clone());
+    })
+    .await;
+    let pem = std::fs::read(sb.ca_path()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+
+    async fn head(io: &mut (impl AsyncReadExt + Unpin)) -> String {
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            if io.read(&mut b).await.unwrap() == 0 {
+                break;
+            }
+            got.push(b[0]);
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    for (proto, expect_switch) in [("echo", true), ("teapot", false)] {
+        let mut tcp = tokio::net::TcpStream::connect(sb.server.proxy_addr())
+            .await
+            .unwrap();
+        tcp.write_all(
+            b"CONNECT ws.googleapis.com:443 HTTP/1.1\r\nHost: ws.googleapis.com:443\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert!(head(&mut tcp).await.starts_with("HTTP/1.1 200"));
+        let name = rustls::pki_types::ServerName::try_from("ws.googleapis.com").unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        tls.write_all(
+            format!("GET /stream HTTP/1.1\r\nHost: ws.googleapis.com\r\nConnection: Upgrade\r\nUpgrade: {proto}\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let h = head(&mut tls).await;
+        if expect_switch {
+            assert!(h.starts_with("HTTP/1.1 101"), "{h}");
+            assert!(h.to_ascii_lowercase().contains("upgrade: echo"), "{h}");
+            tls.write_all(b"ping through the proxy").await.unwrap();
+            let mut buf = [0u8; 22];
+            tls.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"ping through the proxy");
+        } else {
+            assert!(
+                h.starts_with("HTTP/1.1 200"),
+                "origin refused the upgrade: {h}"
+            );
+        }
+    }
+    sb.shutdown().await;
+    let _ = std::fs::remove_file(ca_file);
+}

@@ -12,6 +12,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 
 use super::error::{to_response_for, ProxyError};
 use super::{Body, ProxyState};
@@ -112,7 +113,19 @@ async fn forward(
         )));
     }
 
+    // An HTTP/1.1 upgrade (WebSocket and the like) is the origin's to accept or refuse: the
+    // request keeps its Upgrade, and a 101 joins the two connections.
+    let upgrade = requested_upgrade(&parts.headers, parts.version);
+    let client_upgrade = upgrade
+        .as_ref()
+        .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(proto) = &upgrade {
+        parts.headers.insert(header::UPGRADE, proto.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     if let Some(route) = route {
         if let Some(slot) = &route.slot {
             let value = slot
@@ -165,8 +178,49 @@ async fn forward(
             })
         }
     };
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let accepted = resp.headers().get(header::UPGRADE).cloned();
     strip_hop_by_hop(resp.headers_mut());
+    if let (true, Some(client), Some(proto)) = (switching, client_upgrade, accepted) {
+        resp.headers_mut().insert(header::UPGRADE, proto);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let origin = hyper::upgrade::on(&mut resp);
+        tokio::spawn(join_upgraded(client, origin, authority));
+    }
     Ok(resp.map(|b| b.boxed()))
+}
+
+/// The protocol a client asks to switch to, if it asks the HTTP/1.1 way.
+fn requested_upgrade(headers: &HeaderMap, version: Version) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 {
+        return None;
+    }
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// After a 101: copy bytes between the client's and the origin's upgraded connections.
+async fn join_upgraded(
+    client: hyper::upgrade::OnUpgrade,
+    origin: hyper::upgrade::OnUpgrade,
+    authority: String,
+) {
+    match tokio::try_join!(client, origin) {
+        Ok((c, o)) => {
+            let (mut c, mut o) = (TokioIo::new(c), TokioIo::new(o));
+            if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut o).await {
+                tracing::debug!(authority, error = %e, "upgraded connection ended");
+            }
+        }
+        Err(e) => tracing::debug!(authority, error = %e, "upgrade did not complete"),
+    }
 }
 
 fn upstream_uri(target: &Target, incoming: &Uri) -> Result<Uri, ProxyError> {
