@@ -419,3 +419,57 @@ async fn faults_on_demand() {
     assert_eq!(emulator::Stats::get(&emu.stats().failures_injected), 9);
     emu.shutdown().await;
 }
+
+#[tokio::test]
+async fn sign_jwt_and_sign_blob_need_token_creator() {
+    use base64::Engine as _;
+    let emu = start(POLICY).await;
+    let alice = alice_token(&emu).await;
+    let url =
+        |sa: &str, verb: &str| format!("{}/v1/projects/-/serviceAccounts/{sa}:{verb}", emu.url());
+    let r = http()
+        .post(url("target@p.iam.gserviceaccount.com", "signJwt"))
+        .bearer_auth(&alice)
+        .json(&json!({"payload": "{\"sub\":\"x\",\"aud\":\"y\"}"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["signedJwt"].as_str().unwrap().split('.').count(), 3);
+    assert!(v["keyId"].as_str().is_some());
+    let blob = base64::engine::general_purpose::STANDARD.encode(b"bytes to sign");
+    let r = http()
+        .post(url("target@p.iam.gserviceaccount.com", "signBlob"))
+        .bearer_auth(&alice)
+        .json(&json!({"payload": blob}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(v["signedBlob"].as_str().unwrap())
+            .unwrap()
+            .len(),
+        256
+    );
+    let r = http()
+        .post(url("island@p.iam.gserviceaccount.com", "signBlob"))
+        .bearer_auth(&alice)
+        .json(&json!({"payload": blob}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("iam.serviceAccounts.signBlob"),
+        "{v}"
+    );
+    emu.shutdown().await;
+}

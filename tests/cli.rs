@@ -1,0 +1,177 @@
+//! The binary as a user runs it: check (and its dry run), ca init, token, demo --once, and the
+//! exit codes for a bad config.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Output;
+
+const BIN: &str = env!("CARGO_BIN_EXE_impersonate-proxy");
+
+async fn run(args: &[&str]) -> Output {
+    tokio::process::Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[tokio::test]
+async fn check_prints_the_table_and_dry_runs_urls() {
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml");
+    let o = run(&["check", "--config", cfg]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("prod-buckets-read") && t.contains("reader@my-project.iam.gserviceaccount.com"),
+        "{t}"
+    );
+    let o = run(&[
+        "check",
+        "--config",
+        cfg,
+        "--url",
+        "https://storage.googleapis.com/storage/v1/b/prod-logs/o",
+    ])
+    .await;
+    assert!(
+        text(&o).contains("route `prod-buckets-read`") && text(&o).contains("`reader`"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&[
+        "check",
+        "--config",
+        cfg,
+        "--url",
+        "https://storage.googleapis.com/storage/v1/b/prod-logs/o",
+        "--method",
+        "DELETE",
+    ])
+    .await;
+    assert!(text(&o).contains("route `everything-else`"), "{}", text(&o));
+    let o = run(&["check", "--config", cfg, "--url", "https://example.org/"]).await;
+    assert!(text(&o).contains("tunnelled blind"), "{}", text(&o));
+}
+
+#[tokio::test]
+async fn a_bad_config_exits_3_naming_file_and_key() {
+    let dir = std::env::temp_dir().join(format!("ip-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.yaml");
+    std::fs::write(
+        &f,
+        "identities:\n  a: { service_account: a@p.iam.gserviceaccount.com, lifetime: 20h }\n",
+    )
+    .unwrap();
+    let o = run(&["check", "--config", f.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        text(&o).contains("bad.yaml") && text(&o).contains("identities.a.lifetime"),
+        "{}",
+        text(&o)
+    );
+    let o = run(&[
+        "run",
+        "--config",
+        dir.join("missing.yaml").to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test]
+async fn ca_init_creates_once_and_refuses_to_overwrite() {
+    let dir = std::env::temp_dir().join(format!("ip-cli-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ca: {{ cert: {0}/ca.pem, key: {0}/ca-key.pem }}\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let o = run(&["ca", "init", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(dir.join("ca-key.pem").exists());
+    let o = run(&["ca", "init", "--config", cfg.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(4));
+    assert!(text(&o).contains("already exists"), "{}", text(&o));
+    assert!(!text(&o).contains("PRIVATE KEY"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_prints_a_token_of_the_identity() {
+    let sb = common::sandbox().await;
+    let cfg = sb.dir.join("cli.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "source: {{ file: \"{}/adc.json\" }}\niam: {{ endpoint: \"{}\" }}\nidentities:\n  reader: {{ service_account: reader@demo-project.iam.gserviceaccount.com, delegates: [hop@demo-project.iam.gserviceaccount.com] }}\n  locked: {{ service_account: locked@demo-project.iam.gserviceaccount.com }}\n",
+            sb.dir.display(),
+            sb.emulator.url()
+        ),
+    )
+    .unwrap();
+    let o = run(&["token", "reader", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let token = String::from_utf8(o.stdout).unwrap();
+    let info = sb.emulator.token_info(token.trim()).unwrap();
+    assert_eq!(info.principal, common::READER);
+    let o = run(&[
+        "token",
+        "reader",
+        "--id-token",
+        "--audience",
+        "https://x.run.app",
+        "--config",
+        cfg.to_str().unwrap(),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8(o.stdout)
+            .unwrap()
+            .trim()
+            .split('.')
+            .count(),
+        3,
+        "a JWT"
+    );
+    let o = run(&["token", "locked", "--config", cfg.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(5));
+    assert!(text(&o).contains("PERMISSION_DENIED"), "{}", text(&o));
+    let o = run(&["token", "nobody", "--config", cfg.to_str().unwrap()]).await;
+    assert!(text(&o).contains("no identity `nobody`"), "{}", text(&o));
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_demo_runs_offline_and_shows_each_identity() {
+    let o = run(&["demo", "--once", "--listen", "127.0.0.1:0"]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    let t = String::from_utf8(o.stdout).unwrap();
+    for want in [
+        "reached the origin as reader@demo-project.iam.gserviceaccount.com",
+        "reached the origin as bq-jobs@demo-project.iam.gserviceaccount.com (x-goog-user-project: demo-project)",
+        "reached the origin as dev@demo-project.iam.gserviceaccount.com",
+        "503 impersonate-proxy: no token for route `locked`",
+        "export HTTPS_PROXY=http://127.0.0.1:",
+    ] {
+        assert!(t.contains(want), "missing {want:?} in:\n{t}");
+    }
+}
