@@ -4,6 +4,7 @@
 //!
 //! cargo bench --bench load                 # 5 s per phase
 //! LOAD_SECS=2 cargo bench --bench load     # quicker
+//! LOAD_PROXY_WORKERS=1 cargo bench --bench load   # the proxy's runtime threads
 //!
 //! Modes: keep-alive with 64 connections; one connection (latency); a new connection per
 //! request (16 workers); h2 with 100 concurrent streams on one connection.
@@ -307,9 +308,12 @@ limits: {{ max_connections: 20000 }}
     std::fs::write(dir.join("adc.json"), adc.to_string()).unwrap();
     let cfg_path: PathBuf = dir.join("config.yaml");
     std::fs::write(&cfg_path, config).unwrap();
-    let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_impersonate-proxy"))
-        .args(["run", "--config"])
-        .arg(&cfg_path)
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_impersonate-proxy"));
+    cmd.args(["run", "--config"]).arg(&cfg_path);
+    if let Ok(w) = std::env::var("LOAD_PROXY_WORKERS") {
+        cmd.args(["--workers", &w]);
+    }
+    let mut proxy = cmd
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("proxy.log")).unwrap())
