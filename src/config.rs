@@ -422,6 +422,12 @@ impl Config {
         }
         url::Url::parse(&self.iam.endpoint)
             .map_err(|e| invalid("iam.endpoint".into(), format!("not a URL: {e}")))?;
+        // Host, path and method patterns are checked by compiling the table once here, so a bad
+        // pattern is a start-up error that names this file.
+        crate::routes::RouteTable::compile(self).map_err(|e| match e {
+            ConfigError::Invalid { key, message, .. } => invalid(key, message),
+            other => other,
+        })?;
         Ok(())
     }
 

@@ -168,7 +168,7 @@ impl RouteTable {
         let mut table = RouteTable::default();
         for (i, r) in config.routes.iter().enumerate() {
             let invalid = |k: &str, message: String| ConfigError::Invalid {
-                file: "config".into(),
+                file: "routes".into(),
                 key: format!("routes[{i}].{k}"),
                 message,
             };
@@ -415,10 +415,12 @@ mod tests {
             let y = format!(
                 "identities:\n  a: {{ service_account: a@p.iam.gserviceaccount.com }}\nroutes:\n{routes}"
             );
-            let err = RouteTable::compile(&Config::from_yaml(&y, "t").unwrap())
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(key), "{routes}: {err}");
+            // Loading the config already compiles the table, and names the file.
+            let err = Config::from_yaml(&y, "conf.yaml").unwrap_err().to_string();
+            assert!(
+                err.contains(key) && err.starts_with("conf.yaml: "),
+                "{routes}: {err}"
+            );
         }
     }
 
