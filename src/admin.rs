@@ -82,57 +82,63 @@ fn answer(req: &Request<Incoming>, state: &ProxyState) -> Response<Full<Bytes>> 
 fn metrics_text(state: &ProxyState) -> String {
     let m = &state.metrics;
     let mut s = String::new();
-    let mut counter = |name: &str, help: &str, kind: &str, v: u64| {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    };
-    counter(
-        "impersonate_proxy_connections_total",
-        "Client connections accepted.",
-        "counter",
-        m.connections_total.load(Ordering::Relaxed),
-    );
-    counter(
-        "impersonate_proxy_connections_active",
-        "Client connections open now.",
-        "gauge",
-        m.connections_active.load(Ordering::Relaxed),
-    );
-    counter(
-        "impersonate_proxy_tunnels_total",
-        "CONNECTs tunnelled blind.",
-        "counter",
-        m.tunnels_total.load(Ordering::Relaxed),
-    );
-    counter(
-        "impersonate_proxy_intercepts_total",
-        "CONNECTs intercepted with the local CA.",
-        "counter",
-        m.intercepts_total.load(Ordering::Relaxed),
-    );
-    counter(
-        "impersonate_proxy_refused_total",
-        "Requests refused by policy or as malformed.",
-        "counter",
-        m.refused_total.load(Ordering::Relaxed),
-    );
-    counter(
-        "impersonate_proxy_token_errors_total",
-        "Requests answered 503 because no token could be had.",
-        "counter",
-        m.token_errors_total.load(Ordering::Relaxed),
-    );
-    counter(
-        "impersonate_proxy_upstream_errors_total",
-        "Requests answered 502/504 because the origin failed.",
-        "counter",
-        m.upstream_errors_total.load(Ordering::Relaxed),
-    );
-    counter(
-        "impersonate_proxy_leaf_certificates_cached",
-        "Minted leaf certificates in the cache.",
-        "gauge",
-        state.ca.cached_leaves() as u64,
-    );
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let series: [(&str, &str, &str, u64); 8] = [
+        (
+            "connections_total",
+            "counter",
+            "Client connections accepted.",
+            load(&m.connections_total),
+        ),
+        (
+            "connections_active",
+            "gauge",
+            "Client connections open now.",
+            load(&m.connections_active),
+        ),
+        (
+            "tunnels_total",
+            "counter",
+            "CONNECTs tunnelled blind.",
+            load(&m.tunnels_total),
+        ),
+        (
+            "intercepts_total",
+            "counter",
+            "CONNECTs intercepted with the local CA.",
+            load(&m.intercepts_total),
+        ),
+        (
+            "refused_total",
+            "counter",
+            "Requests refused by policy or as malformed.",
+            load(&m.refused_total),
+        ),
+        (
+            "token_errors_total",
+            "counter",
+            "Requests answered 503 because no token could be had.",
+            load(&m.token_errors_total),
+        ),
+        (
+            "upstream_errors_total",
+            "counter",
+            "Requests answered 502/504 because the origin failed.",
+            load(&m.upstream_errors_total),
+        ),
+        (
+            "leaf_certificates_cached",
+            "gauge",
+            "Minted leaf certificates in the cache.",
+            state.ca.cached_leaves() as u64,
+        ),
+    ];
+    for (name, kind, help, v) in series {
+        let _ = writeln!(
+            s,
+            "# HELP impersonate_proxy_{name} {help}\n# TYPE impersonate_proxy_{name} {kind}\nimpersonate_proxy_{name} {v}"
+        );
+    }
     let _ = writeln!(
         s,
         "# HELP impersonate_proxy_responses_total Responses by status class.\n# TYPE impersonate_proxy_responses_total counter"

@@ -58,17 +58,9 @@ pub(crate) fn spawn_client(
             let conn = http
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
-            tokio::pin!(conn);
-            let mut stop = stop;
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = stopped(&mut stop) => {
-                    // Finish the request in flight, then close; an upgraded CONNECT has
-                    // already left this future and drains on its own.
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
+            // On shutdown: finish the request in flight, then close. An upgraded CONNECT has
+            // already left this future and drains on its own.
+            let result = serve_until_stopped(conn, stop, |c| c.graceful_shutdown()).await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
@@ -317,17 +309,29 @@ async fn intercept_tls(
         .adaptive_window(true)
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    let mut stop = stop;
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    };
+    let result = serve_until_stopped(conn, stop, |c| c.graceful_shutdown()).await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "intercepted connection ended with an error");
+    }
+}
+
+/// Drive a connection to its end; once shutdown begins, ask it to finish gracefully (each
+/// hyper connection type has its own `graceful_shutdown`) and keep driving it.
+async fn serve_until_stopped<C, E>(
+    conn: C,
+    mut stop: watch::Receiver<bool>,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = stopped(&mut stop) => {
+            graceful(conn.as_mut());
+            conn.await
+        }
     }
 }
 
