@@ -2,12 +2,20 @@
 //! from /proc) between this tool and the local TLS origin, against the same origin reached
 //! directly in the same run. Loopback only; every phase is bounded in time.
 //!
-//! cargo bench --bench load                 # 5 s per phase
-//! LOAD_SECS=2 cargo bench --bench load     # quicker
+//! Shared machines are noisy, so each mode runs `LOAD_ROUNDS` rounds of a direct phase and a
+//! proxied phase back to back (the order alternating), and the table gives the median of the
+//! rounds' figures.
+//!
+//! cargo bench --bench load                 # 3 rounds of 2 s phases
+//! LOAD_SECS=5 LOAD_ROUNDS=5 cargo bench --bench load   # steadier
 //! LOAD_PROXY_WORKERS=1 cargo bench --bench load   # the proxy's runtime threads
+//! LOAD_MODES=one,h2 cargo bench --bench load      # only some modes
 //!
 //! Modes: keep-alive with 64 connections; one connection (latency); a new connection per
-//! request (16 workers); h2 with 100 concurrent streams on one connection.
+//! request (16 workers); h2 with 100 concurrent streams on one connection. The one-connection
+//! mode is also run through the proxy's blind tunnel (CONNECT to a host no route names): that
+//! adds the same process hops as interception but no work of the proxy's own, so it is the
+//! floor that this machine's cross-process wake-ups put under any proxy's added latency.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -26,6 +34,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const HOST: &str = "storage.googleapis.com";
+/// A host no route names: the proxy tunnels it blind to the same origin.
+const TUNNEL_HOST: &str = "tunnel.example";
 const PATH: &str = "/storage/v1/b/prod-bench/o";
 
 #[derive(Clone)]
@@ -33,6 +43,8 @@ struct Target {
     /// Where TCP goes: the proxy, or the origin directly.
     addr: SocketAddr,
     via_proxy: bool,
+    /// The name CONNECT asks for and TLS verifies.
+    host: &'static str,
     tls: Arc<rustls::ClientConfig>,
     tls_h2: Arc<rustls::ClientConfig>,
 }
@@ -42,7 +54,11 @@ async fn open(t: &Target, h2: bool) -> std::io::Result<tokio_rustls::client::Tls
     tcp.set_nodelay(true)?;
     if t.via_proxy {
         tcp.write_all(
-            format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n").as_bytes(),
+            format!(
+                "CONNECT {h}:443 HTTP/1.1\r\nHost: {h}:443\r\n\r\n",
+                h = t.host
+            )
+            .as_bytes(),
         )
         .await?;
         let mut buf = [0u8; 512];
@@ -60,7 +76,7 @@ async fn open(t: &Target, h2: bool) -> std::io::Result<tokio_rustls::client::Tls
     }
     let cfg = if h2 { t.tls_h2.clone() } else { t.tls.clone() };
     tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::try_from(HOST).unwrap(), tcp)
+        .connect(ServerName::try_from(t.host).unwrap(), tcp)
         .await
 }
 
@@ -172,6 +188,83 @@ async fn h2_conn(t: &Target, until: Instant, streams: usize) -> Tally {
     all
 }
 
+/// The medians of a mode's rounds.
+struct Rounds {
+    direct_rps: f64,
+    proxy_rps: f64,
+    ratio: f64,
+    direct_p50: f64,
+    proxy_p50: f64,
+    proxy_p99: f64,
+    added_p50: f64,
+    cpu_per_req_us: f64,
+    errors: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// `rounds` pairs of a direct and a proxied phase, back to back; odd rounds run the proxied
+/// phase first so slow drift on the machine does not favour either side.
+async fn rounds_of(
+    direct: &Target,
+    via: &Target,
+    mode: &str,
+    secs: f64,
+    rounds: usize,
+    pid: u32,
+) -> Rounds {
+    let mut cols: [Vec<f64>; 8] = Default::default();
+    let mut errors = 0;
+    for round in 0..rounds {
+        let mut d = None;
+        let mut p = None;
+        let mut cpu = 0.0;
+        for proxied in [round % 2 == 1, round % 2 == 0] {
+            if proxied {
+                let cpu0 = cpu_secs(pid);
+                p = Some(phase(via, mode, secs).await);
+                cpu = cpu_secs(pid) - cpu0;
+            } else {
+                d = Some(phase(direct, mode, secs).await);
+            }
+        }
+        let (d, p) = (d.unwrap(), p.unwrap());
+        errors += d.errors + p.errors;
+        let row = [
+            d.rps,
+            p.rps,
+            p.rps / d.rps.max(1.0),
+            f64::from(d.p50),
+            f64::from(p.p50),
+            f64::from(p.p99),
+            f64::from(p.p50) - f64::from(d.p50),
+            cpu * 1e6 / (p.requests.max(1) as f64),
+        ];
+        for (col, v) in cols.iter_mut().zip(row) {
+            col.push(v);
+        }
+    }
+    let [a, b, c, d, e, f, g, h] = cols.map(median);
+    Rounds {
+        direct_rps: a,
+        proxy_rps: b,
+        ratio: c,
+        direct_p50: d,
+        proxy_p50: e,
+        proxy_p99: f,
+        added_p50: g,
+        cpu_per_req_us: h,
+        errors,
+    }
+}
+
 struct Phase {
     rps: f64,
     p50: u32,
@@ -256,15 +349,20 @@ fn main() {
     let secs: f64 = std::env::var("LOAD_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5.0);
+        .unwrap_or(2.0);
+    let rounds: usize = std::env::var("LOAD_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(run(secs));
+    rt.block_on(run(secs, rounds));
 }
 
-async fn run(secs: f64) {
+async fn run(secs: f64, rounds: usize) {
     let dir = std::env::temp_dir().join(format!("ip-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -274,7 +372,7 @@ async fn run(secs: f64) {
     )
     .await
     .unwrap();
-    let origin = Origin::start(&[HOST], None).await.unwrap();
+    let origin = Origin::start(&[HOST, TUNNEL_HOST], None).await.unwrap();
     std::fs::write(dir.join("origin-ca.pem"), origin.ca_pem()).unwrap();
     let port = {
         let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -293,7 +391,7 @@ routes:
 upstream:
   system_roots: false
   extra_roots: ["{d}/origin-ca.pem"]
-  resolve: {{ "{HOST}:443": "{origin}" }}
+  resolve: {{ "{HOST}:443": "{origin}", "{TUNNEL_HOST}:443": "{origin}" }}
 limits: {{ max_connections: 20000 }}
 "#,
         d = dir.display(),
@@ -338,12 +436,22 @@ limits: {{ max_connections: 20000 }}
     let via = Target {
         addr: proxy_addr,
         via_proxy: true,
+        host: HOST,
         tls: client_tls(&proxy_ca, &[b"http/1.1"]),
         tls_h2: client_tls(&proxy_ca, &[b"h2"]),
+    };
+    // Through the proxy's blind tunnel: the client verifies the origin's own certificate.
+    let tunnelled = Target {
+        addr: proxy_addr,
+        via_proxy: true,
+        host: TUNNEL_HOST,
+        tls: client_tls(origin.ca_pem(), &[b"http/1.1"]),
+        tls_h2: client_tls(origin.ca_pem(), &[b"h2"]),
     };
     let direct = Target {
         addr: origin.addr(),
         via_proxy: false,
+        host: HOST,
         tls: client_tls(origin.ca_pem(), &[b"http/1.1"]),
         tls_h2: client_tls(origin.ca_pem(), &[b"h2"]),
     };
@@ -351,48 +459,74 @@ limits: {{ max_connections: 20000 }}
     let _ = phase(&via, "one", 0.5).await;
 
     println!(
-        "\nload: {secs} s per phase, loopback, {} cores shared by tool, proxy and origin\n",
+        "\nload: {rounds} rounds of {secs} s phases per mode (medians shown), loopback, {} cores \
+         shared by tool, proxy and origin\n",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
     );
     println!(
-        "{:<26} {:>10} {:>10} {:>8} {:>9} {:>9} {:>8} {:>14}",
-        "mode", "direct r/s", "proxy r/s", "ratio", "p50 d/p µs", "", "p99 p µs", "proxy CPU/req"
+        "{:<26} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>14}",
+        "mode",
+        "direct r/s",
+        "proxy r/s",
+        "ratio",
+        "p50 d µs",
+        "p50 p µs",
+        "p99 p µs",
+        "proxy CPU/req"
     );
+    let only = std::env::var("LOAD_MODES").ok();
     for (mode, label) in [
         ("keepalive", "keep-alive, 64 conns"),
         ("one", "keep-alive, 1 conn"),
         ("new", "new conn per request (16)"),
         ("h2", "h2, 1 conn x 100 streams"),
     ] {
-        let d = phase(&direct, mode, secs).await;
-        let cpu0 = cpu_secs(pid);
-        let p = phase(&via, mode, secs).await;
-        let cpu = cpu_secs(pid) - cpu0;
-        let per_req_us = if p.requests > 0 {
-            cpu * 1e6 / p.requests as f64
-        } else {
-            0.0
-        };
+        if only
+            .as_deref()
+            .is_some_and(|m| !m.split(',').any(|x| x == mode))
+        {
+            continue;
+        }
+        let r = rounds_of(&direct, &via, mode, secs, rounds, pid).await;
         println!(
-            "{:<26} {:>10.0} {:>10.0} {:>8.2} {:>9} {:>9} {:>8} {:>11.1} µs{}",
+            "{:<26} {:>10.0} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>9.0} {:>11.1} µs{}",
             label,
-            d.rps,
-            p.rps,
-            p.rps / d.rps.max(1.0),
-            d.p50,
-            p.p50,
-            p.p99,
-            per_req_us,
-            if d.errors + p.errors > 0 {
-                format!("  (errors: direct {}, proxy {})", d.errors, p.errors)
+            r.direct_rps,
+            r.proxy_rps,
+            r.ratio,
+            r.direct_p50,
+            r.proxy_p50,
+            r.proxy_p99,
+            r.cpu_per_req_us,
+            if r.errors > 0 {
+                format!("  (errors: {})", r.errors)
             } else {
                 String::new()
             }
         );
         if mode == "one" {
-            println!("{:<26} added p50: {} µs", "", p.p50 as i64 - d.p50 as i64);
+            let t = rounds_of(&direct, &tunnelled, mode, secs, rounds, pid).await;
+            println!(
+                "{:<26} {:>10.0} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>9.0} {:>11.1} µs",
+                "  same, blind tunnel",
+                t.direct_rps,
+                t.proxy_rps,
+                t.ratio,
+                t.direct_p50,
+                t.proxy_p50,
+                t.proxy_p99,
+                t.cpu_per_req_us,
+            );
+            println!(
+                "{:<26} added p50: intercepted {:.0} µs, blind tunnel {:.0} µs (the process-hop \
+                 floor); interception's own share {:.0} µs",
+                "",
+                r.added_p50,
+                t.added_p50,
+                r.added_p50 - t.added_p50
+            );
         }
     }
     let _ = proxy.kill();
