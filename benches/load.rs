@@ -210,59 +210,68 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// `rounds` pairs of a direct and a proxied phase, back to back; odd rounds run the proxied
-/// phase first so slow drift on the machine does not favour either side.
+/// `rounds` rounds of a direct phase and one phase per proxied target, back to back; odd
+/// rounds run them in reverse order so slow drift on the machine favours no side. Every
+/// proxied figure is taken against the direct phase of its own round.
 async fn rounds_of(
     direct: &Target,
-    via: &Target,
+    vias: &[&Target],
     mode: &str,
     secs: f64,
     rounds: usize,
     pid: u32,
-) -> Rounds {
-    let mut cols: [Vec<f64>; 8] = Default::default();
-    let mut errors = 0;
+) -> Vec<Rounds> {
+    let mut cols: Vec<[Vec<f64>; 8]> = vias.iter().map(|_| Default::default()).collect();
+    let mut errors = vec![0; vias.len()];
     for round in 0..rounds {
-        let mut d = None;
-        let mut p = None;
-        let mut cpu = 0.0;
-        for proxied in [round % 2 == 1, round % 2 == 0] {
-            if proxied {
-                let cpu0 = cpu_secs(pid);
-                p = Some(phase(via, mode, secs).await);
-                cpu = cpu_secs(pid) - cpu0;
-            } else {
-                d = Some(phase(direct, mode, secs).await);
+        // Index 0 is the direct phase, 1.. the proxied targets.
+        let mut order: Vec<usize> = (0..=vias.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        let mut results: Vec<Option<(Phase, f64)>> = (0..=vias.len()).map(|_| None).collect();
+        for i in order {
+            let target = if i == 0 { direct } else { vias[i - 1] };
+            let cpu0 = cpu_secs(pid);
+            let p = phase(target, mode, secs).await;
+            results[i] = Some((p, cpu_secs(pid) - cpu0));
+        }
+        let (d, _) = results[0].take().unwrap();
+        for (k, slot) in results.into_iter().skip(1).enumerate() {
+            let (p, cpu) = slot.unwrap();
+            errors[k] += d.errors + p.errors;
+            let row = [
+                d.rps,
+                p.rps,
+                p.rps / d.rps.max(1.0),
+                f64::from(d.p50),
+                f64::from(p.p50),
+                f64::from(p.p99),
+                f64::from(p.p50) - f64::from(d.p50),
+                cpu * 1e6 / (p.requests.max(1) as f64),
+            ];
+            for (col, v) in cols[k].iter_mut().zip(row) {
+                col.push(v);
             }
         }
-        let (d, p) = (d.unwrap(), p.unwrap());
-        errors += d.errors + p.errors;
-        let row = [
-            d.rps,
-            p.rps,
-            p.rps / d.rps.max(1.0),
-            f64::from(d.p50),
-            f64::from(p.p50),
-            f64::from(p.p99),
-            f64::from(p.p50) - f64::from(d.p50),
-            cpu * 1e6 / (p.requests.max(1) as f64),
-        ];
-        for (col, v) in cols.iter_mut().zip(row) {
-            col.push(v);
-        }
     }
-    let [a, b, c, d, e, f, g, h] = cols.map(median);
-    Rounds {
-        direct_rps: a,
-        proxy_rps: b,
-        ratio: c,
-        direct_p50: d,
-        proxy_p50: e,
-        proxy_p99: f,
-        added_p50: g,
-        cpu_per_req_us: h,
-        errors,
-    }
+    cols.into_iter()
+        .zip(errors)
+        .map(|(c, errors)| {
+            let [a, b, c, d, e, f, g, h] = c.map(median);
+            Rounds {
+                direct_rps: a,
+                proxy_rps: b,
+                ratio: c,
+                direct_p50: d,
+                proxy_p50: e,
+                proxy_p99: f,
+                added_p50: g,
+                cpu_per_req_us: h,
+                errors,
+            }
+        })
+        .collect()
 }
 
 struct Phase {
@@ -489,7 +498,14 @@ limits: {{ max_connections: 20000 }}
         {
             continue;
         }
-        let r = rounds_of(&direct, &via, mode, secs, rounds, pid).await;
+        // One connection is also run through the blind tunnel, in the same rounds.
+        let vias: &[&Target] = if mode == "one" {
+            &[&via, &tunnelled]
+        } else {
+            &[&via]
+        };
+        let all = rounds_of(&direct, vias, mode, secs, rounds, pid).await;
+        let r = &all[0];
         println!(
             "{:<26} {:>10.0} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>9.0} {:>11.1} µs{}",
             label,
@@ -506,8 +522,7 @@ limits: {{ max_connections: 20000 }}
                 String::new()
             }
         );
-        if mode == "one" {
-            let t = rounds_of(&direct, &tunnelled, mode, secs, rounds, pid).await;
+        if let Some(t) = all.get(1) {
             println!(
                 "{:<26} {:>10.0} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>9.0} {:>11.1} µs",
                 "  same, blind tunnel",

@@ -215,8 +215,12 @@ pub async fn emulator(policy_path: &Path, listen: SocketAddr) -> Result<(), CliE
 }
 
 /// `run`: config → CA → tokens → sockets, then serve until Ctrl-C/SIGTERM and drain.
-pub async fn run(config_path: &Path) -> Result<(), CliError> {
-    let config = Config::load(config_path)?;
+/// `workers` (the `--workers` flag) overrides `limits.workers`.
+pub async fn run(config_path: &Path, workers: Option<usize>) -> Result<(), CliError> {
+    let mut config = Config::load(config_path)?;
+    if let Some(n) = workers {
+        config.limits.workers = n.max(1);
+    }
     let server = crate::server::Server::start(config).await?;
     tracing::info!(listen = %server.proxy_addr(), "impersonate-proxy serving");
     wait_for_ctrl_c().await;

@@ -267,6 +267,9 @@ pub struct LimitsConfig {
     /// Time allowed to finish in-flight requests on shutdown.
     #[serde(deserialize_with = "de_duration")]
     pub drain_timeout: Duration,
+    /// Proxy worker threads; 0 means one per core. Each worker accepts its own connections and
+    /// keeps its own upstream pool, so a request never hops between threads.
+    pub workers: usize,
 }
 
 impl Default for LimitsConfig {
@@ -277,6 +280,7 @@ impl Default for LimitsConfig {
             idle_timeout: Duration::from_secs(120),
             max_header_bytes: 64 * 1024,
             drain_timeout: Duration::from_secs(30),
+            workers: 0,
         }
     }
 }
@@ -415,6 +419,12 @@ impl Config {
             return Err(invalid(
                 "limits.max_connections".into(),
                 "must be at least 1".into(),
+            ));
+        }
+        if self.limits.workers > 1024 {
+            return Err(invalid(
+                "limits.workers".into(),
+                "at most 1024 (0 means one per core)".into(),
             ));
         }
         if self.ca.leaf_cache == 0 {
@@ -621,6 +631,18 @@ other_hosts: deny
             .unwrap_err()
             .to_string()
             .contains("identities.a.scopes"));
+    }
+
+    #[test]
+    fn workers_default_to_one_per_core_and_are_bounded() {
+        let c = Config::from_yaml("{}", "t.yaml").unwrap();
+        assert_eq!(c.limits.workers, 0);
+        let c = Config::from_yaml("limits: { workers: 3 }\n", "t.yaml").unwrap();
+        assert_eq!(c.limits.workers, 3);
+        let err = Config::from_yaml("limits: { workers: 5000 }\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.workers"), "{err}");
     }
 
     #[test]

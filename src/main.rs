@@ -15,7 +15,8 @@ struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-    /// Runtime worker threads (default: one per core).
+    /// Proxy worker threads, each serving its own connections (overrides `limits.workers`;
+    /// default one per core).
     #[arg(long, global = true)]
     workers: Option<usize>,
     #[command(subcommand)]
@@ -99,11 +100,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     impersonate_proxy::install_crypto_provider();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cli.workers {
-        builder.worker_threads(n.max(1));
-    }
-    let runtime = match builder.enable_all().build() {
+    // The control plane (token refresh, admin, emulator, demo); `run` serves requests on
+    // worker threads of its own.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
@@ -112,7 +114,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Run { config } => cli::run(&config).await,
+            Command::Run { config } => cli::run(&config, cli.workers).await,
             Command::Check {
                 config,
                 url,

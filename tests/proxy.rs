@@ -95,8 +95,10 @@ async fn keep_alive_reuses_one_client_connection_and_one_upstream_connection() {
 
 #[tokio::test]
 async fn a_client_connection_close_does_not_cost_an_upstream_handshake() {
-    let sb = sandbox().await;
-    for _ in 0..5 {
+    // Each worker thread keeps its own upstream pool: however many client connections come and
+    // go, the origin sees at most one connection per worker.
+    let sb = sandbox_with(|c| c.limits.workers = 2).await;
+    for _ in 0..8 {
         let out = curl(
             &sb,
             &[
@@ -119,9 +121,13 @@ async fn a_client_connection_close_does_not_cost_an_upstream_handshake() {
             .metrics
             .intercepts_total
             .load(Ordering::SeqCst),
-        5
+        8
     );
-    assert_eq!(sb.origin.connections(), 1, "upstream stays pooled");
+    let upstream = sb.origin.connections();
+    assert!(
+        (1..=2).contains(&upstream),
+        "upstream stays pooled per worker: {upstream} connections for 8 clients"
+    );
     sb.shutdown().await;
 }
 
@@ -354,53 +360,6 @@ async fn h2_on_both_legs_each_request_with_its_routes_token() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["identity"], DEV);
     assert_eq!(v["version"], "HTTP/2.0");
-    sb.shutdown().await;
-}
-
-#[tokio::test]
-async fn a_hundred_mib_streams_both_ways_with_flat_memory() {
-    const N: u64 = 100 * 1024 * 1024;
-    let sb = sandbox().await;
-    let client = sb.client().unwrap();
-    // Warm up the connection and allocator first, then measure the peak across the transfer.
-    client
-        .get("https://storage.googleapis.com/download?bytes=1")
-        .send()
-        .await
-        .unwrap();
-    let before = peak_rss_kib();
-
-    let mut resp = client
-        .get(format!("https://storage.googleapis.com/download?bytes={N}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut got = 0u64;
-    while let Some(chunk) = resp.chunk().await.unwrap() {
-        got += chunk.len() as u64;
-    }
-    assert_eq!(got, N);
-
-    let chunks = futures_util::stream::iter(
-        (0..(N / (64 * 1024)))
-            .map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![7u8; 64 * 1024]))),
-    );
-    let r = client
-        .post("https://storage.googleapis.com/upload")
-        .body(reqwest::Body::wrap_stream(chunks))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(json(r).await["received"], N);
-    assert_eq!(sb.origin.uploaded(), N);
-
-    let growth_mib = (peak_rss_kib().saturating_sub(before)) / 1024;
-    eprintln!("peak RSS growth across 2 x 100 MiB: {growth_mib} MiB");
-    assert!(
-        growth_mib < 48,
-        "bodies must stream, not buffer: grew {growth_mib} MiB"
-    );
     sb.shutdown().await;
 }
 

@@ -19,15 +19,18 @@ use tracing::Instrument;
 
 use super::error::{to_response, ProxyError};
 use super::forward::{self, Target};
+use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
 use crate::config::OtherHosts;
 
-/// Serve one client connection in its own task. The connection permit travels with whatever
-/// the connection becomes (tunnel or intercepted session), so the cap counts those too.
+/// Serve one client connection in its own task, on the worker that accepted it; `upstream` is
+/// that worker's client. The connection permit travels with whatever the connection becomes
+/// (tunnel or intercepted session), so the cap counts those too.
 pub(crate) fn spawn_client(
     stream: TcpStream,
     peer: SocketAddr,
     state: Arc<ProxyState>,
+    upstream: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
     permit: OwnedSemaphorePermit,
 ) {
@@ -51,6 +54,7 @@ pub(crate) fn spawn_client(
                     req,
                     peer,
                     svc_state.clone(),
+                    upstream.clone(),
                     svc_stop.clone(),
                     permit.clone(),
                 )
@@ -77,14 +81,17 @@ async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
     state: Arc<ProxyState>,
+    upstream: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Result<Response<Body>, Infallible> {
     if req.method() == Method::CONNECT {
-        return Ok(match connect(req, peer, &state, stop, permit).await {
-            Ok(resp) => resp,
-            Err(e) => refuse(&state, &e),
-        });
+        return Ok(
+            match connect(req, peer, &state, upstream, stop, permit).await {
+                Ok(resp) => resp,
+                Err(e) => refuse(&state, &e),
+            },
+        );
     }
     // Absolute-form `http://host/path`: forwarded, routes applied.
     let uri = req.uri();
@@ -93,7 +100,7 @@ async fn handle(
             Ok(t) => t,
             Err(e) => return Ok(refuse(&state, &e)),
         };
-        return forward::request(req, Arc::new(target), peer, state).await;
+        return forward::request(req, Arc::new(target), peer, state, upstream).await;
     }
     let e = if uri.scheme().is_some() {
         ProxyError::BadRequest(format!(
@@ -161,6 +168,7 @@ async fn connect(
     req: Request<Incoming>,
     peer: SocketAddr,
     state: &Arc<ProxyState>,
+    upstream_client: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Result<Response<Body>, ProxyError> {
@@ -189,7 +197,16 @@ async fn connect(
         };
         match upstream {
             Some(tcp) => tunnel(upgraded, tcp, &host, &state).await,
-            None => intercept_tls(upgraded, host, port, peer, state, stop).await,
+            None => {
+                let conn = Intercepted {
+                    host,
+                    port,
+                    peer,
+                    state,
+                    upstream: upstream_client,
+                };
+                intercept_tls(upgraded, conn, stop).await
+            }
         }
         drop(permit);
     });
@@ -239,15 +256,28 @@ async fn tunnel(
     }
 }
 
-/// TLS accept with a leaf for the CONNECT host, then serve HTTP/1.1 or h2 (by ALPN) on it.
-async fn intercept_tls(
-    upgraded: hyper::upgrade::Upgraded,
+/// An intercepted CONNECT: where it goes, who asked, and what serves it.
+struct Intercepted {
     host: String,
     port: u16,
     peer: SocketAddr,
     state: Arc<ProxyState>,
+    upstream: Arc<UpstreamClient>,
+}
+
+/// TLS accept with a leaf for the CONNECT host, then serve HTTP/1.1 or h2 (by ALPN) on it.
+async fn intercept_tls(
+    upgraded: hyper::upgrade::Upgraded,
+    conn: Intercepted,
     stop: watch::Receiver<bool>,
 ) {
+    let Intercepted {
+        host,
+        port,
+        peer,
+        state,
+        upstream,
+    } = conn;
     state
         .metrics
         .intercepts_total
@@ -293,7 +323,15 @@ async fn intercept_tls(
         tls: true,
     });
     let svc_state = state.clone();
-    let svc = service_fn(move |req| forward::request(req, target.clone(), peer, svc_state.clone()));
+    let svc = service_fn(move |req| {
+        forward::request(
+            req,
+            target.clone(),
+            peer,
+            svc_state.clone(),
+            upstream.clone(),
+        )
+    });
     let limits = &state.config.limits;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::error::{to_response_for, ProxyError};
+use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
 use crate::config::Unmatched;
 
@@ -34,6 +35,7 @@ pub(crate) async fn request(
     target: Arc<Target>,
     peer: SocketAddr,
     state: Arc<ProxyState>,
+    upstream: Arc<UpstreamClient>,
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
@@ -50,7 +52,7 @@ pub(crate) async fn request(
         .and_then(|r| r.slot.as_ref())
         .map_or("-", |s| s.spec().target.as_str());
 
-    let result = forward(req, &target, route, &state).await;
+    let result = forward(req, &target, route, &state, &upstream).await;
     let resp = match result {
         Ok(resp) => resp,
         Err(e) => {
@@ -99,6 +101,7 @@ async fn forward(
     target: &Target,
     route: Option<&super::RouteTarget>,
     state: &ProxyState,
+    upstream: &UpstreamClient,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     if route.is_none()
@@ -159,10 +162,7 @@ async fn forward(
 
     let authority = format!("{}:{}", target.host, target.port);
     let timeout = state.config.upstream.response_timeout;
-    let sent = tokio::time::timeout(
-        timeout,
-        state.upstream.request(Request::from_parts(parts, body)),
-    );
+    let sent = tokio::time::timeout(timeout, upstream.request(Request::from_parts(parts, body)));
     let mut resp = match sent.await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {

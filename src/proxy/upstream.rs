@@ -1,7 +1,11 @@
-//! The one pooled upstream client: hyper-util's legacy client over hyper-rustls, verifying the
+//! The pooled upstream client: hyper-util's legacy client over hyper-rustls, verifying the
 //! real host name against the system roots plus configured extra roots, negotiating h2 where
 //! the origin offers it, with a `resolve` map (like curl's `--resolve`) that changes where a
 //! name connects without changing which name TLS verifies.
+//!
+//! Each proxy worker thread has a client (and so a pool) of its own, built by [`client`] from
+//! the one TLS configuration that [`tls_config`] loads at start-up: a request and the upstream
+//! connection it rides on are then driven by the same thread.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -53,7 +57,8 @@ impl Service<Name> for Resolver {
     }
 }
 
-pub fn build(cfg: &UpstreamConfig) -> Result<UpstreamClient, ProxyError> {
+/// The upstream TLS client configuration: roots loaded and checked once, at start-up.
+pub fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, ProxyError> {
     let mut roots = rustls::RootCertStore::empty();
     if cfg.system_roots {
         let native = rustls_native_certs::load_native_certs();
@@ -86,10 +91,14 @@ pub fn build(cfg: &UpstreamConfig) -> Result<UpstreamClient, ProxyError> {
             "no upstream roots: enable upstream.system_roots or list upstream.extra_roots".into(),
         ));
     }
-    let tls = rustls::ClientConfig::builder()
+    Ok(rustls::ClientConfig::builder()
         .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_no_client_auth())
+}
 
+/// A client with a pool of its own. Its connections are driven by tasks on the runtime that
+/// opens them, so it is built and used on one worker thread.
+pub fn client(tls: rustls::ClientConfig, cfg: &UpstreamConfig) -> UpstreamClient {
     // `host:port` keys: the connector only sees the host, so the port is dropped here and the
     // mapped address's own port is used.
     let overrides = cfg
@@ -119,5 +128,5 @@ pub fn build(cfg: &UpstreamConfig) -> Result<UpstreamClient, ProxyError> {
         .timer(TokioTimer::new())
         .pool_max_idle_per_host(256)
         .http2_adaptive_window(true);
-    Ok(builder.build(https))
+    builder.build(https)
 }
