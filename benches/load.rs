@@ -10,6 +10,7 @@
 //! LOAD_SECS=5 LOAD_ROUNDS=5 cargo bench --bench load   # steadier
 //! LOAD_PROXY_WORKERS=1 cargo bench --bench load   # the proxy's runtime threads
 //! LOAD_MODES=one,h2 cargo bench --bench load      # only some modes
+//! LOAD_PROXY_BIN=/tmp/old-build cargo bench --bench load  # another build of the proxy
 //!
 //! Modes: keep-alive with 64 connections; one connection (latency); a new connection per
 //! request (16 workers); h2 with 100 concurrent streams on one connection. The one-connection
@@ -415,7 +416,9 @@ limits: {{ max_connections: 20000 }}
     std::fs::write(dir.join("adc.json"), adc.to_string()).unwrap();
     let cfg_path: PathBuf = dir.join("config.yaml");
     std::fs::write(&cfg_path, config).unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_impersonate-proxy"));
+    let bin = std::env::var_os("LOAD_PROXY_BIN")
+        .map_or_else(|| env!("CARGO_BIN_EXE_impersonate-proxy").into(), PathBuf::from);
+    let mut cmd = std::process::Command::new(bin);
     cmd.args(["run", "--config"]).arg(&cfg_path);
     if let Ok(w) = std::env::var("LOAD_PROXY_WORKERS") {
         cmd.args(["--workers", &w]);
