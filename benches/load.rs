@@ -416,8 +416,10 @@ limits: {{ max_connections: 20000 }}
     std::fs::write(dir.join("adc.json"), adc.to_string()).unwrap();
     let cfg_path: PathBuf = dir.join("config.yaml");
     std::fs::write(&cfg_path, config).unwrap();
-    let bin = std::env::var_os("LOAD_PROXY_BIN")
-        .map_or_else(|| env!("CARGO_BIN_EXE_impersonate-proxy").into(), PathBuf::from);
+    let bin = std::env::var_os("LOAD_PROXY_BIN").map_or_else(
+        || env!("CARGO_BIN_EXE_impersonate-proxy").into(),
+        PathBuf::from,
+    );
     let mut cmd = std::process::Command::new(bin);
     cmd.args(["run", "--config"]).arg(&cfg_path);
     if let Ok(w) = std::env::var("LOAD_PROXY_WORKERS") {

@@ -538,3 +538,71 @@ async fn upgrade_requests_behave_as_the_origin_decides() {
     sb.shutdown().await;
     let _ = std::fs::remove_file(ca_file);
 }
+
+/// `Expect: 100-continue`: the expectation travels to the origin with the request. An origin
+/// that reads the body gets all of it (the client is told to go on as soon as the proxy starts
+/// streaming the body upstream, not after curl's expect timeout), and an origin that answers
+/// without reading it gets its final status to the client.
+#[tokio::test]
+async fn expect_100_continue_follows_the_origin() {
+    const N: usize = 2 * 1024 * 1024;
+    let sb = sandbox().await;
+    let file = std::env::temp_dir().join(format!("ip-expect-{}.bin", std::process::id()));
+    std::fs::write(&file, vec![b'e'; N]).unwrap();
+    let data = format!("@{}", file.display());
+    let post = |url: &'static str| {
+        let args = [
+            "--http1.1",
+            "-v",
+            "--expect100-timeout",
+            "15",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            &data,
+            "-w",
+            "\n%{http_code}",
+            url,
+        ]
+        .map(String::from);
+        let sb = &sb;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let started = std::time::Instant::now();
+            let out = curl(sb, &args).await;
+            (out, started.elapsed())
+        }
+    };
+
+    let (out, took) = post("https://storage.googleapis.com/upload").await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.ends_with("\n200"), "{stdout}");
+    assert!(stderr.contains("100 Continue"), "{stderr}");
+    assert!(
+        took < Duration::from_secs(10),
+        "waited for the expect timeout: {took:?}"
+    );
+    assert_eq!(sb.origin.uploaded(), N as u64);
+    let seen = sb.origin.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(
+        last.headers.get("expect").map(|v| v.as_bytes()),
+        Some(&b"100-continue"[..]),
+        "the expectation reaches the origin"
+    );
+
+    // The origin answers 413 without reading a byte: the client gets the 413, promptly.
+    let (out, took) = post("https://storage.googleapis.com/status/413").await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        stdout.ends_with("\n413"),
+        "{stdout} / {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert_eq!(sb.origin.uploaded(), N as u64, "nothing more was uploaded");
+    let _ = std::fs::remove_file(&file);
+    sb.shutdown().await;
+}
