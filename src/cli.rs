@@ -219,7 +219,9 @@ pub async fn emulator(policy_path: &Path, listen: SocketAddr) -> Result<(), CliE
 pub async fn run(config_path: &Path, workers: Option<usize>) -> Result<(), CliError> {
     let mut config = Config::load(config_path)?;
     if let Some(n) = workers {
-        config.limits.workers = n.max(1);
+        // Same meaning and bounds as the key: 0 is one per core, over 1024 is refused.
+        config.limits.workers = n;
+        config.validate("--workers")?;
     }
     let server = crate::server::Server::start(config).await?;
     tracing::info!(listen = %server.proxy_addr(), "impersonate-proxy serving");

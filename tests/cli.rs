@@ -88,6 +88,15 @@ async fn a_bad_config_exits_3_naming_file_and_key() {
     ])
     .await;
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    // --workers obeys the bounds of limits.workers, before anything is bound.
+    let cfg = concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml");
+    let o = run(&["--workers", "5000", "run", "--config", cfg]).await;
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("--workers") && text(&o).contains("limits.workers"),
+        "{}",
+        text(&o)
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

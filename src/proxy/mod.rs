@@ -148,8 +148,8 @@ impl ProxyState {
 /// it accepted and owns an upstream pool. A connection, its requests and the upstream
 /// connections they ride on all stay on one thread, so a request costs no cross-thread wake-ups
 /// and h2's per-connection locks are never contended; under tokio's work-stealing runtime the
-/// same h2 load took 1.6 times the CPU per request. Token minting and refresh, the admin
-/// endpoint and reloads stay on the caller's runtime.
+/// same h2 load took 1.6 times the CPU per request. The token refresher and the admin endpoint
+/// stay on the caller's runtime; a cold token miss mints on the worker that needs the token.
 pub async fn run(
     listener: TcpListener,
     state: Arc<ProxyState>,
