@@ -539,6 +539,34 @@ async fn upgrade_requests_behave_as_the_origin_decides() {
     let _ = std::fs::remove_file(ca_file);
 }
 
+/// curl POSTs `data` (`@file`) with `Expect: 100-continue`, willing to wait 15 s for the 100;
+/// the output ends with the status code. Also returns how long it took.
+async fn post_expecting_continue(
+    sb: &Sandbox,
+    data: &str,
+    url: &str,
+) -> (std::process::Output, Duration) {
+    let started = std::time::Instant::now();
+    let out = curl(
+        sb,
+        &[
+            "--http1.1",
+            "-v",
+            "--expect100-timeout",
+            "15",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            data,
+            "-w",
+            "\n%{http_code}",
+            url,
+        ],
+    )
+    .await;
+    (out, started.elapsed())
+}
+
 /// `Expect: 100-continue`: the expectation travels to the origin with the request. An origin
 /// that reads the body gets all of it (the client is told to go on as soon as the proxy starts
 /// streaming the body upstream, not after curl's expect timeout), and an origin that answers
@@ -550,31 +578,8 @@ async fn expect_100_continue_follows_the_origin() {
     let file = std::env::temp_dir().join(format!("ip-expect-{}.bin", std::process::id()));
     std::fs::write(&file, vec![b'e'; N]).unwrap();
     let data = format!("@{}", file.display());
-    let post = |url: &'static str| {
-        let args = [
-            "--http1.1",
-            "-v",
-            "--expect100-timeout",
-            "15",
-            "-H",
-            "Expect: 100-continue",
-            "--data-binary",
-            &data,
-            "-w",
-            "\n%{http_code}",
-            url,
-        ]
-        .map(String::from);
-        let sb = &sb;
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            let started = std::time::Instant::now();
-            let out = curl(sb, &args).await;
-            (out, started.elapsed())
-        }
-    };
-
-    let (out, took) = post("https://storage.googleapis.com/upload").await;
+    let (out, took) =
+        post_expecting_continue(&sb, &data, "https://storage.googleapis.com/upload").await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
@@ -594,7 +599,8 @@ async fn expect_100_continue_follows_the_origin() {
     );
 
     // The origin answers 413 without reading a byte: the client gets the 413, promptly.
-    let (out, took) = post("https://storage.googleapis.com/status/413").await;
+    let (out, took) =
+        post_expecting_continue(&sb, &data, "https://storage.googleapis.com/status/413").await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         stdout.ends_with("\n413"),
