@@ -612,3 +612,79 @@ async fn expect_100_continue_follows_the_origin() {
     let _ = std::fs::remove_file(&file);
     sb.shutdown().await;
 }
+
+/// An origin may answer before it has read the request body (a 413, a 401 for a bad token).
+/// The client, still uploading, must get that answer, not a reset connection: the proxy reads
+/// and discards the rest of the body for a while instead of closing on unread bytes.
+#[tokio::test]
+async fn an_early_answer_reaches_a_client_that_is_still_uploading() {
+    const N: usize = 8 * 1024 * 1024;
+    let sb = sandbox().await;
+    let file = std::env::temp_dir().join(format!("ip-early-{}.bin", std::process::id()));
+    std::fs::write(&file, vec![b'x'; N]).unwrap();
+    let data = format!("@{}", file.display());
+    for round in 0..5 {
+        let out = curl(
+            &sb,
+            &[
+                "--http1.1",
+                "-H",
+                "Expect:",
+                "--data-binary",
+                &data,
+                "-w",
+                "\n%{http_code}",
+                "https://storage.googleapis.com/status/413",
+            ],
+        )
+        .await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.ends_with("\n413"),
+            "round {round}: {stdout} / {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(sb.origin.uploaded(), 0, "the origin read nothing");
+
+    // A client that sends its whole body anyway gets the answer too, and once the rest is
+    // discarded its connection stays usable.
+    let pem = std::fs::read(sb.ca_path()).unwrap();
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(sb.proxy_url()).unwrap())
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).unwrap()])
+        .http1_only()
+        .build()
+        .unwrap();
+    let before = sb
+        .server
+        .state()
+        .metrics
+        .intercepts_total
+        .load(Ordering::SeqCst);
+    for _ in 0..3 {
+        let r = client
+            .post("https://storage.googleapis.com/status/413")
+            .body(vec![b'y'; 2 * 1024 * 1024])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413);
+        r.bytes().await.unwrap();
+    }
+    let r = client
+        .get("https://storage.googleapis.com/storage/v1/b/dev-bucket/o")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let after = sb
+        .server
+        .state()
+        .metrics
+        .intercepts_total
+        .load(Ordering::SeqCst);
+    assert_eq!(after - before, 1, "one connection for all four requests");
+    let _ = std::fs::remove_file(&file);
+    sb.shutdown().await;
+}

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::error::{to_response_for, ProxyError};
+use super::upload::Upload;
 use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
 use crate::config::Unmatched;
@@ -148,6 +149,7 @@ async fn forward(
     }
 
     parts.uri = upstream_uri(target, &parts.uri)?;
+    let client_version = parts.version;
     // The upstream leg negotiates its own version by ALPN; hyper's client speaks h2 on an h2
     // connection whatever this says, and HTTP/2 here would forbid falling back to HTTP/1.1.
     parts.version = Version::HTTP_11;
@@ -162,6 +164,7 @@ async fn forward(
 
     let authority = format!("{}:{}", target.host, target.port);
     let timeout = state.config.upstream.response_timeout;
+    let body = Upload::new(body, client_version);
     let sent = tokio::time::timeout(timeout, upstream.request(Request::from_parts(parts, body)));
     let mut resp = match sent.await {
         Ok(Ok(resp)) => resp,

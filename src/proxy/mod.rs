@@ -10,6 +10,7 @@
 mod connect;
 pub mod error;
 mod forward;
+mod upload;
 pub mod upstream;
 
 use std::future::Future;

@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -24,10 +23,11 @@ use rustls::pki_types::CertificateDer;
 use tower::Service;
 
 use super::error::ProxyError;
+use super::upload::Upload;
 use crate::config::UpstreamConfig;
 
 pub type Connector = hyper_rustls::HttpsConnector<HttpConnector<Resolver>>;
-pub type UpstreamClient = Client<Connector, Incoming>;
+pub type UpstreamClient = Client<Connector, Upload>;
 
 /// DNS with overrides. hyper's connector keeps the port we return when the URI names none, so
 /// `https://host/…` reaches the mapped `addr:port`.
