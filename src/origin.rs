@@ -8,6 +8,7 @@
 //! - anything else: a small JSON echo: method, path, host, HTTP version, the bearer token's
 //!   fingerprint and, when the origin knows a tokeninfo URL, whose token it is.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +27,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 type Body = BoxBody<Bytes, std::io::Error>;
+
+/// How many requests the origin remembers, most recent last; older ones are forgotten, so a
+/// long demo or load run does not grow its memory.
+pub const SEEN_KEPT: usize = 10_000;
 
 /// One request as the origin saw it.
 #[derive(Debug, Clone)]
@@ -49,7 +54,8 @@ impl Seen {
 }
 
 struct Shared {
-    seen: Mutex<Vec<Seen>>,
+    /// The most recent [`SEEN_KEPT`] requests.
+    seen: Mutex<VecDeque<Seen>>,
     connections: AtomicU64,
     uploaded: AtomicU64,
     tokeninfo: Option<String>,
@@ -73,7 +79,7 @@ impl Origin {
             .map_err(|e| format!("origin bind: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let shared = Arc::new(Shared {
-            seen: Mutex::new(Vec::new()),
+            seen: Mutex::new(VecDeque::new()),
             connections: AtomicU64::new(0),
             uploaded: AtomicU64::new(0),
             tokeninfo,
@@ -129,12 +135,12 @@ impl Origin {
         &self.ca_pem
     }
 
-    /// Every request seen so far.
+    /// The requests seen so far, oldest first: all of them, or the last [`SEEN_KEPT`].
     pub fn seen(&self) -> Vec<Seen> {
         self.shared
             .seen
             .lock()
-            .map(|s| s.clone())
+            .map(|s| s.iter().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -159,6 +165,14 @@ impl Drop for Origin {
     }
 }
 
+/// Keeps `seen` as the newest of at most [`SEEN_KEPT`] records.
+fn remember(list: &mut VecDeque<Seen>, seen: Seen) {
+    if list.len() >= SEEN_KEPT {
+        list.pop_front();
+    }
+    list.push_back(seen);
+}
+
 async fn answer(req: Request<Incoming>, sh: &Shared) -> Response<Body> {
     let host = req
         .headers()
@@ -175,7 +189,7 @@ async fn answer(req: Request<Incoming>, sh: &Shared) -> Response<Body> {
         headers: req.headers().clone(),
     };
     if let Ok(mut s) = sh.seen.lock() {
-        s.push(seen.clone());
+        remember(&mut s, seen.clone());
     }
     let path = req.uri().path().to_string();
     if let Some(code) = path.strip_prefix("/status/") {
@@ -315,4 +329,28 @@ pub fn tls_config(names: &[&str]) -> Result<(rustls::ServerConfig, String), Stri
         .map_err(|e| format!("origin TLS config: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((config, ca_cert.pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_of_requests_keeps_only_the_newest() {
+        let mut list = VecDeque::new();
+        for i in 0..SEEN_KEPT + 5 {
+            let seen = Seen {
+                method: Method::GET,
+                path: format!("/{i}"),
+                host: "h".into(),
+                version: Version::HTTP_11,
+                headers: HeaderMap::new(),
+            };
+            remember(&mut list, seen);
+        }
+        assert_eq!(list.len(), SEEN_KEPT);
+        assert_eq!(list.front().map(|s| s.path.as_str()), Some("/5"));
+        let last = format!("/{}", SEEN_KEPT + 4);
+        assert_eq!(list.back().map(|s| s.path.as_str()), Some(last.as_str()));
+    }
 }
