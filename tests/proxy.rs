@@ -451,6 +451,17 @@ async fn upgrade_origin() -> (std::net::SocketAddr, String) {
                                 .insert("upgrade", http::HeaderValue::from_static("echo"));
                             resp.headers_mut()
                                 .insert("connection", http::HeaderValue::from_static("upgrade"));
+                        } else {
+                            let seen = format!(
+                                "{:?} bearer={}",
+                                req.version(),
+                                req.headers()
+                                    .get("authorization")
+                                    .is_some_and(|v| v.as_bytes().starts_with(b"Bearer "))
+                            );
+                            if let Ok(v) = http::HeaderValue::from_str(&seen) {
+                                resp.headers_mut().insert("x-origin-saw", v);
+                            }
                         }
                         Ok::<_, std::convert::Infallible>(resp)
                     },
@@ -535,6 +546,22 @@ async fn upgrade_requests_behave_as_the_origin_decides() {
             );
         }
     }
+
+    // The other mix: an h2 client to this HTTP/1.1-only origin.
+    let r = sb
+        .client()
+        .unwrap()
+        .get("https://ws.googleapis.com/plain")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), http::Version::HTTP_2, "client leg is h2");
+    assert_eq!(
+        r.headers().get("x-origin-saw").map(|v| v.as_bytes()),
+        Some(&b"HTTP/1.1 bearer=true"[..]),
+        "upstream leg fell back to HTTP/1.1, with a token"
+    );
     sb.shutdown().await;
     let _ = std::fs::remove_file(ca_file);
 }
