@@ -412,8 +412,26 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
     sb.shutdown().await;
 }
 
-/// An HTTP/1.1-only TLS origin that switches to an echo protocol on `Upgrade: echo` and answers
-/// anything else normally.
+/// A sandbox whose `ws.googleapis.com` is the [`upgrade_origin`], trusted through a CA file
+/// the caller removes.
+async fn http1_origin_sandbox() -> (Sandbox, std::path::PathBuf) {
+    let (addr, ca) = upgrade_origin().await;
+    let ca_file =
+        std::env::temp_dir().join(format!("ws-ca-{}-{}.pem", std::process::id(), addr.port()));
+    std::fs::write(&ca_file, ca).unwrap();
+    let sb = sandbox_with(|c| {
+        c.upstream
+            .resolve
+            .insert("ws.googleapis.com:443".into(), addr);
+        c.upstream.extra_roots.push(ca_file.clone());
+    })
+    .await;
+    (sb, ca_file)
+}
+
+/// An HTTP/1.1-only TLS origin that switches to an echo protocol on `Upgrade: echo`, answers
+/// 413 on `/refuse` without reading the body, reads the whole body on `/read` (hyper sends the
+/// 100 Continue then) and answers anything else normally.
 async fn upgrade_origin() -> (std::net::SocketAddr, String) {
     use hyper_util::rt::TokioIo;
     let (mut tls, ca) = impersonate_proxy::origin::tls_config(&["ws.googleapis.com"]).unwrap();
@@ -431,6 +449,24 @@ async fn upgrade_origin() -> (std::net::SocketAddr, String) {
                 };
                 let svc = hyper::service::service_fn(
                     |mut req: http::Request<hyper::body::Incoming>| async move {
+                        use http_body_util::BodyExt;
+                        match req.uri().path() {
+                            "/refuse" => {
+                                let mut resp = http::Response::new(http_body_util::Empty::new());
+                                *resp.status_mut() = http::StatusCode::PAYLOAD_TOO_LARGE;
+                                return Ok(resp);
+                            }
+                            "/read" => {
+                                let n = match req.into_body().collect().await {
+                                    Ok(b) => b.to_bytes().len(),
+                                    Err(_) => 0,
+                                };
+                                let mut resp = http::Response::new(http_body_util::Empty::new());
+                                resp.headers_mut().insert("x-read", n.into());
+                                return Ok(resp);
+                            }
+                            _ => {}
+                        }
                         let wants_echo = req.headers().get("upgrade").is_some_and(|v| v == "echo");
                         let mut resp =
                             http::Response::new(http_body_util::Empty::<bytes::Bytes>::new());
@@ -479,17 +515,7 @@ async fn upgrade_origin() -> (std::net::SocketAddr, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrade_requests_behave_as_the_origin_decides() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let (addr, ca) = upgrade_origin().await;
-    let ca_file =
-        std::env::temp_dir().join(format!("ws-ca-{}-{}.pem", std::process::id(), addr.port()));
-    std::fs::write(&ca_file, ca).unwrap();
-    let sb = sandbox_with(|c| {
-        c.upstream
-            .resolve
-            .insert("ws.googleapis.com:443".into(), addr);
-        c.upstream.extra_roots.push(ca_file.clone());
-    })
-    .await;
+    let (sb, ca_file) = http1_origin_sandbox().await;
     let pem = std::fs::read(sb.ca_path()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::pem::PemObject;
@@ -713,5 +739,70 @@ async fn an_early_answer_reaches_a_client_that_is_still_uploading() {
         .load(Ordering::SeqCst);
     assert_eq!(after - before, 1, "one connection for all four requests");
     let _ = std::fs::remove_file(&file);
+    sb.shutdown().await;
+}
+
+/// Towards an origin known to speak HTTP/1.1, `Expect: 100-continue` waits for the origin's own
+/// answer: a refusal reaches the client before it has sent a byte, and an origin that reads the
+/// body sends the 100 that lets it go.
+#[tokio::test]
+async fn expect_100_continue_towards_http1_waits_for_the_origins_answer() {
+    const N: usize = 2 * 1024 * 1024;
+    let (sb, ca_file) = http1_origin_sandbox().await;
+    let file = std::env::temp_dir().join(format!("ip-expect1-{}.bin", std::process::id()));
+    std::fs::write(&file, vec![b'h'; N]).unwrap();
+    let data = format!("@{}", file.display());
+    // The first connection tells the proxy this origin speaks HTTP/1.1.
+    let out = curl(
+        &sb,
+        &["-w", "%{http_code}", "https://ws.googleapis.com/plain"],
+    )
+    .await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+
+    let send = |path: &'static str| {
+        let data = data.clone();
+        let sb = &sb;
+        async move {
+            let started = std::time::Instant::now();
+            let out = curl(
+                sb,
+                &[
+                    "--http1.1",
+                    "--expect100-timeout",
+                    "15",
+                    "-H",
+                    "Expect: 100-continue",
+                    "--data-binary",
+                    &data,
+                    "-D",
+                    "-",
+                    "-w",
+                    "\n%{http_code} %{size_upload}",
+                    &format!("https://ws.googleapis.com{path}"),
+                ],
+            )
+            .await;
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            (text, started.elapsed())
+        }
+    };
+    let (text, took) = send("/refuse").await;
+    assert!(
+        text.ends_with("\n413 0"),
+        "refused before any upload: {text}"
+    );
+    assert!(!text.contains("100 Continue"), "{text}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+
+    let (text, took) = send("/read").await;
+    assert!(text.ends_with(&format!("\n200 {N}")), "{text}");
+    assert!(text.contains(&format!("x-read: {N}")), "{text}");
+    assert!(
+        took < Duration::from_secs(10),
+        "waited out curl's timeout: {took:?}"
+    );
+    let _ = std::fs::remove_file(&file);
+    let _ = std::fs::remove_file(ca_file);
     sb.shutdown().await;
 }

@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::error::{to_response_for, ProxyError};
-use super::upload::Upload;
+use super::upload::{Continue, Upload};
 use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
 use crate::config::Unmatched;
@@ -164,8 +164,28 @@ async fn forward(
 
     let authority = format!("{}:{}", target.host, target.port);
     let timeout = state.config.upstream.response_timeout;
-    let body = Upload::new(body, client_version);
-    let sent = tokio::time::timeout(timeout, upstream.request(Request::from_parts(parts, body)));
+    let expects = client_version <= Version::HTTP_11
+        && parts
+            .headers
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        && state.protocols.is_http1(&target.host, target.port);
+    let mut body = Upload::new(body, client_version);
+    let mut continues = None;
+    if expects {
+        let signal = Arc::new(Continue::default());
+        body = body.wait_for(signal.clone());
+        continues = Some(signal);
+    }
+    let mut req = Request::from_parts(parts, body);
+    if let Some(signal) = continues {
+        hyper::ext::on_informational(&mut req, move |res| {
+            if res.status() == http::StatusCode::CONTINUE {
+                signal.open();
+            }
+        });
+    }
+    let sent = tokio::time::timeout(timeout, upstream.request(req));
     let mut resp = match sent.await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {

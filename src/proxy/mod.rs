@@ -73,6 +73,8 @@ pub struct ProxyState {
     pub engine: Arc<TokenEngine>,
     /// Checked at start-up; each worker builds its own upstream client from it.
     upstream_tls: rustls::ClientConfig,
+    /// What each origin negotiated, as the workers' upstream connectors find out.
+    pub(crate) protocols: Arc<upstream::Protocols>,
     pub metrics: Metrics,
     /// Caps concurrent client connections (`limits.max_connections`).
     pub(crate) connections: Arc<Semaphore>,
@@ -135,6 +137,7 @@ impl ProxyState {
             ca,
             engine,
             upstream_tls,
+            protocols: Arc::default(),
             metrics: Metrics::default(),
             connections,
         }))
@@ -245,6 +248,7 @@ async fn accept_loop(
     let upstream = Arc::new(upstream::client(
         state.upstream_tls.clone(),
         &state.config.upstream,
+        state.protocols.clone(),
     ));
     loop {
         // Take a permit before accepting: at the cap, new clients wait in the kernel backlog

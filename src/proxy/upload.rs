@@ -13,12 +13,23 @@
 //!
 //! HTTP/2 needs none of this: the stream is reset with NO_ERROR after the answer, which is
 //! the protocol's own way of saying "stop sending" (RFC 9113 §8.1).
+//!
+//! `Expect: 100-continue`: hyper's server tells the client to go on when the body is first
+//! read. Towards an origin known to speak HTTP/1.1, the body waits behind a [`Continue`] gate
+//! until the origin sends its own 100 (or [`EXPECT_WAIT`] passes, as a client does with an
+//! origin that ignores the expectation), so an origin that refuses the upload before it starts
+//! has the client send nothing. Towards h2 origins, whose 1xx hyper's client does not report,
+//! the body flows at once.
 
+use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -27,10 +38,45 @@ use hyper::body::Incoming;
 pub const LINGER_TIME: Duration = Duration::from_secs(5);
 /// How many bytes of a dropped upload are read and discarded at most.
 pub const LINGER_BYTES: u64 = 64 * 1024 * 1024;
+/// How long an `Expect: 100-continue` body waits for the origin's 100 before it goes anyway
+/// (curl's own default wait).
+pub const EXPECT_WAIT: Duration = Duration::from_secs(1);
+
+/// Opened by the origin's `100 Continue`; see the module documentation.
+#[derive(Default)]
+pub struct Continue {
+    open: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Continue {
+    pub fn open(&self) {
+        self.open.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// A body held back until its [`Continue`] opens or the wait runs out.
+struct Gate {
+    signal: Arc<Continue>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Gate {
+    fn poll_open(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.signal.open.load(Ordering::Acquire) {
+            return true;
+        }
+        self.signal.waker.register(cx.waker());
+        self.signal.open.load(Ordering::Acquire) || self.deadline.as_mut().poll(cx).is_ready()
+    }
+}
 
 /// A request body forwarded upstream; see the module documentation.
 pub struct Upload {
     inner: Option<Incoming>,
+    /// Holds the body back until the origin's 100, for an expectation towards HTTP/1.1.
+    gate: Option<Gate>,
     /// The client speaks HTTP/1.x, so an early drop must drain instead of closing.
     linger: bool,
     /// The body was read at least once. Until then nothing was asked of the client: for an
@@ -45,10 +91,20 @@ impl Upload {
     pub fn new(body: Incoming, version: http::Version) -> Self {
         Upload {
             inner: Some(body),
+            gate: None,
             linger: version <= http::Version::HTTP_11,
             started: false,
             done: false,
         }
+    }
+
+    /// Holds the body back until `signal` opens, or [`EXPECT_WAIT`] passes.
+    pub fn wait_for(mut self, signal: Arc<Continue>) -> Self {
+        self.gate = Some(Gate {
+            signal,
+            deadline: Box::pin(tokio::time::sleep(EXPECT_WAIT)),
+        });
+        self
     }
 }
 
@@ -64,6 +120,12 @@ impl Body for Upload {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        if let Some(gate) = this.gate.as_mut() {
+            if !gate.poll_open(cx) {
+                return Poll::Pending;
+            }
+            this.gate = None;
+        }
         this.started = true;
         let polled = Pin::new(inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
@@ -113,4 +175,55 @@ async fn discard(mut body: Incoming) {
         }
     };
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate() -> (Gate, Arc<Continue>) {
+        let signal = Arc::new(Continue::default());
+        let gate = Gate {
+            signal: signal.clone(),
+            deadline: Box::pin(tokio::time::sleep(EXPECT_WAIT)),
+        };
+        (gate, signal)
+    }
+
+    async fn is_open(gate: &mut Gate) -> bool {
+        std::future::poll_fn(|cx| Poll::Ready(gate.poll_open(cx))).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_opens_on_the_origins_100() {
+        let started = tokio::time::Instant::now();
+        let (mut gate, signal) = gate();
+        assert!(!is_open(&mut gate).await);
+        // A body read parked on the gate is woken by the 100.
+        let opener = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            signal.open();
+        });
+        std::future::poll_fn(|cx| match gate.poll_open(cx) {
+            true => Poll::Ready(()),
+            false => Poll::Pending,
+        })
+        .await;
+        opener.await.unwrap();
+        // Paused time jumps to the deadline only if nothing else can run: had the 100 not woken
+        // the read, the gate would have opened on the timer instead.
+        assert!(started.elapsed() < EXPECT_WAIT, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_opens_by_itself_once_the_wait_is_over() {
+        let (mut gate, _signal) = gate();
+        tokio::time::advance(EXPECT_WAIT - Duration::from_millis(1)).await;
+        assert!(!is_open(&mut gate).await, "still waiting for the origin");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(
+            is_open(&mut gate).await,
+            "an origin that ignores Expect gets the body"
+        );
+    }
 }

@@ -6,6 +6,10 @@
 //! Each proxy worker thread has a client (and so a pool) of its own, built by [`client`] from
 //! the one TLS configuration that [`tls_config`] loads at start-up: a request and the upstream
 //! connection it rides on are then driven by the same thread.
+//!
+//! The connector also notes, in the [`Protocols`] all workers share, which origins answered
+//! their last new connection with HTTP/1.1 rather than h2: `Expect: 100-continue` can wait for
+//! such an origin's own 100, because hyper's client reports 1xx responses on HTTP/1 only.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -14,10 +18,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use dashmap::DashMap;
+use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tower::Service;
@@ -26,8 +32,66 @@ use super::error::ProxyError;
 use super::upload::Upload;
 use crate::config::UpstreamConfig;
 
-pub type Connector = hyper_rustls::HttpsConnector<HttpConnector<Resolver>>;
+type Tls = hyper_rustls::HttpsConnector<HttpConnector<Resolver>>;
 pub type UpstreamClient = Client<Connector, Upload>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Which protocol each origin (`host:port`) negotiated on its newest upstream connection.
+#[derive(Default)]
+pub struct Protocols(DashMap<String, bool>);
+
+/// At most this many origins are remembered; past it, new ones go unrecorded (and are treated
+/// as h2, the behaviour for an origin not yet seen).
+const PROTOCOLS_KEPT: usize = 4096;
+
+impl Protocols {
+    fn note(&self, key: String, h2: bool) {
+        if self.0.len() < PROTOCOLS_KEPT || self.0.contains_key(&key) {
+            self.0.insert(key, h2);
+        }
+    }
+
+    /// The origin's newest upstream connection spoke HTTP/1.x.
+    pub fn is_http1(&self, host: &str, port: u16) -> bool {
+        self.0.get(&key(host, port)).is_some_and(|h2| !*h2)
+    }
+}
+
+fn key(host: &str, port: u16) -> String {
+    format!("{}:{port}", host.to_ascii_lowercase())
+}
+
+/// hyper-rustls' connector, noting what each new connection negotiated.
+#[derive(Clone)]
+pub struct Connector {
+    tls: Tls,
+    protocols: Arc<Protocols>,
+}
+
+impl Service<http::Uri> for Connector {
+    type Response = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.tls.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("http") => 80,
+            _ => 443,
+        });
+        let origin = key(uri.host().unwrap_or_default(), port);
+        let protocols = self.protocols.clone();
+        let connecting = self.tls.call(uri);
+        Box::pin(async move {
+            let conn = connecting.await?;
+            protocols.note(origin, conn.connected().is_negotiated_h2());
+            Ok(conn)
+        })
+    }
+}
 
 /// DNS with overrides. hyper's connector keeps the port we return when the URI names none, so
 /// `https://host/…` reaches the mapped `addr:port`.
@@ -98,7 +162,11 @@ pub fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, ProxyErr
 
 /// A client with a pool of its own. Its connections are driven by tasks on the runtime that
 /// opens them, so it is built and used on one worker thread.
-pub fn client(tls: rustls::ClientConfig, cfg: &UpstreamConfig) -> UpstreamClient {
+pub fn client(
+    tls: rustls::ClientConfig,
+    cfg: &UpstreamConfig,
+    protocols: Arc<Protocols>,
+) -> UpstreamClient {
     // `host:port` keys: the connector only sees the host, so the port is dropped here and the
     // mapped address's own port is used.
     let overrides = cfg
@@ -128,5 +196,8 @@ pub fn client(tls: rustls::ClientConfig, cfg: &UpstreamConfig) -> UpstreamClient
         .timer(TokioTimer::new())
         .pool_max_idle_per_host(256)
         .http2_adaptive_window(true);
-    builder.build(https)
+    builder.build(Connector {
+        tls: https,
+        protocols,
+    })
 }
