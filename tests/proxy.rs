@@ -592,12 +592,22 @@ async fn upgrade_requests_behave_as_the_origin_decides() {
     let _ = std::fs::remove_file(ca_file);
 }
 
-/// curl POSTs `data` (`@file`) with `Expect: 100-continue`, willing to wait 15 s for the 100;
-/// the output ends with the status code. Also returns how long it took.
+/// curl POSTs `data` (`@file`) with `Expect: 100-continue`, willing to wait 15 s for the 100,
+/// verbose on stderr; stdout ends with the status code, and with `--size` also the bytes
+/// uploaded. Also returns how long it took.
 async fn post_expecting_continue(
     sb: &Sandbox,
     data: &str,
     url: &str,
+) -> (std::process::Output, Duration) {
+    post_expecting_continue_with(sb, data, url, "\n%{http_code}").await
+}
+
+async fn post_expecting_continue_with(
+    sb: &Sandbox,
+    data: &str,
+    url: &str,
+    write_out: &str,
 ) -> (std::process::Output, Duration) {
     let started = std::time::Instant::now();
     let out = curl(
@@ -612,12 +622,20 @@ async fn post_expecting_continue(
             "--data-binary",
             data,
             "-w",
-            "\n%{http_code}",
+            write_out,
             url,
         ],
     )
     .await;
     (out, started.elapsed())
+}
+
+/// A temporary file of `n` bytes `byte` for curl's `--data-binary`, and that argument.
+fn upload_file(tag: &str, n: usize, byte: u8) -> (std::path::PathBuf, String) {
+    let file = std::env::temp_dir().join(format!("ip-{tag}-{}.bin", std::process::id()));
+    std::fs::write(&file, vec![byte; n]).unwrap();
+    let data = format!("@{}", file.display());
+    (file, data)
 }
 
 /// `Expect: 100-continue`: the expectation travels to the origin with the request. An origin
@@ -628,9 +646,7 @@ async fn post_expecting_continue(
 async fn expect_100_continue_follows_the_origin() {
     const N: usize = 2 * 1024 * 1024;
     let sb = sandbox().await;
-    let file = std::env::temp_dir().join(format!("ip-expect-{}.bin", std::process::id()));
-    std::fs::write(&file, vec![b'e'; N]).unwrap();
-    let data = format!("@{}", file.display());
+    let (file, data) = upload_file("expect", N, b'e');
     let (out, took) =
         post_expecting_continue(&sb, &data, "https://storage.googleapis.com/upload").await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -673,9 +689,7 @@ async fn expect_100_continue_follows_the_origin() {
 async fn an_early_answer_reaches_a_client_that_is_still_uploading() {
     const N: usize = 8 * 1024 * 1024;
     let sb = sandbox().await;
-    let file = std::env::temp_dir().join(format!("ip-early-{}.bin", std::process::id()));
-    std::fs::write(&file, vec![b'x'; N]).unwrap();
-    let data = format!("@{}", file.display());
+    let (file, data) = upload_file("early", N, b'x');
     for round in 0..5 {
         let out = curl(
             &sb,
@@ -749,9 +763,7 @@ async fn an_early_answer_reaches_a_client_that_is_still_uploading() {
 async fn expect_100_continue_towards_http1_waits_for_the_origins_answer() {
     const N: usize = 2 * 1024 * 1024;
     let (sb, ca_file) = http1_origin_sandbox().await;
-    let file = std::env::temp_dir().join(format!("ip-expect1-{}.bin", std::process::id()));
-    std::fs::write(&file, vec![b'h'; N]).unwrap();
-    let data = format!("@{}", file.display());
+    let (file, data) = upload_file("expect1", N, b'h');
     // The first connection tells the proxy this origin speaks HTTP/1.1.
     let out = curl(
         &sb,
@@ -761,43 +773,28 @@ async fn expect_100_continue_towards_http1_waits_for_the_origins_answer() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
 
     let send = |path: &'static str| {
-        let data = data.clone();
-        let sb = &sb;
+        let url = format!("https://ws.googleapis.com{path}");
+        let (sb, data) = (&sb, &data);
         async move {
-            let started = std::time::Instant::now();
-            let out = curl(
-                sb,
-                &[
-                    "--http1.1",
-                    "--expect100-timeout",
-                    "15",
-                    "-H",
-                    "Expect: 100-continue",
-                    "--data-binary",
-                    &data,
-                    "-D",
-                    "-",
-                    "-w",
-                    "\n%{http_code} %{size_upload}",
-                    &format!("https://ws.googleapis.com{path}"),
-                ],
-            )
-            .await;
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            (text, started.elapsed())
+            let (out, took) =
+                post_expecting_continue_with(sb, data, &url, "\n%{http_code} %{size_upload}").await;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            (format!("{stdout}\n{stderr}"), stdout, took)
         }
     };
-    let (text, took) = send("/refuse").await;
+    let (text, stdout, took) = send("/refuse").await;
     assert!(
-        text.ends_with("\n413 0"),
+        stdout.ends_with("\n413 0"),
         "refused before any upload: {text}"
     );
     assert!(!text.contains("100 Continue"), "{text}");
     assert!(took < Duration::from_secs(10), "{took:?}");
 
-    let (text, took) = send("/read").await;
-    assert!(text.ends_with(&format!("\n200 {N}")), "{text}");
-    assert!(text.contains(&format!("x-read: {N}")), "{text}");
+    let (text, stdout, took) = send("/read").await;
+    assert!(stdout.ends_with(&format!("\n200 {N}")), "{text}");
+    assert!(text.contains("< HTTP/1.1 100 Continue"), "{text}");
+    assert!(text.contains(&format!("< x-read: {N}")), "{text}");
     assert!(
         took < Duration::from_secs(10),
         "waited out curl's timeout: {took:?}"
