@@ -4,7 +4,10 @@
 //!   serves on one worker thread per core.
 //! - `connect.rs`: the client-facing HTTP/1.1 service: CONNECT, absolute-form, refusals.
 //! - `forward.rs`: one intercepted request: route, token, header rewrite, upstream, access log.
-//! - `upstream.rs`: the pooled upstream client and its resolver.
+//! - `upload.rs`: the request body on its way upstream: lingering after an early answer, and
+//!   the gate that makes `Expect: 100-continue` wait for an HTTP/1.1 origin's 100.
+//! - `upstream.rs`: the pooled upstream client, its resolver, and the connector that notes
+//!   each origin's protocol.
 //! - `error.rs`: [`ProxyError`] and its response.
 
 mod connect;
