@@ -155,11 +155,7 @@ fn plain_target(req: &Request<Incoming>, state: &ProxyState) -> Result<Target, P
             "{host} is not named by any route (other_hosts: deny)"
         )));
     }
-    Ok(Target {
-        host,
-        port,
-        tls: false,
-    })
+    Target::new(host, port, false)
 }
 
 /// CONNECT as named steps: check the target, decide, answer, then (after the upgrade) either
@@ -317,11 +313,13 @@ async fn intercept_tls(
             return;
         }
     };
-    let target = Arc::new(Target {
-        host,
-        port,
-        tls: true,
-    });
+    let target = match Target::new(host, port, true) {
+        Ok(t) => Arc::new(t),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot serve the intercepted connection");
+            return;
+        }
+    };
     let svc_state = state.clone();
     let svc = service_fn(move |req| {
         forward::request(

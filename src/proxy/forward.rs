@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -26,7 +27,39 @@ use crate::config::Unmatched;
 pub(crate) struct Target {
     pub host: String,
     pub port: u16,
-    pub tls: bool,
+    /// Scheme and authority of every upstream URI, and the `Host` an h2 client's requests
+    /// get, built once for the connection.
+    scheme: Scheme,
+    authority: Authority,
+    host_header: HeaderValue,
+}
+
+impl Target {
+    /// `host` is lower-case without a trailing dot, as [`super::connect`] checked it.
+    pub fn new(host: String, port: u16, tls: bool) -> Result<Target, ProxyError> {
+        let default_port = if tls { 443 } else { 80 };
+        let authority = if port == default_port {
+            Authority::try_from(host.as_str())
+        } else {
+            Authority::try_from(format!("{host}:{port}"))
+        }
+        .map_err(|e| ProxyError::BadRequest(format!("{host}:{port} is not an authority: {e}")))?;
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .map_err(|e| ProxyError::BadRequest(format!("{host}:{port}: {e}")))?;
+        let scheme = if tls { Scheme::HTTPS } else { Scheme::HTTP };
+        Ok(Target {
+            host,
+            port,
+            scheme,
+            authority,
+            host_header,
+        })
+    }
+
+    /// `host:port`, for messages.
+    fn host_port(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
 }
 
 static X_GOOG_USER_PROJECT: HeaderName = HeaderName::from_static("x-goog-user-project");
@@ -40,12 +73,14 @@ pub(crate) async fn request(
 ) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    // A cheap clone (shared bytes): the request moves on, the access line still needs it.
+    let path_and_query = req.uri().path_and_query().cloned();
+    let path = path_and_query.as_ref().map_or("/", PathAndQuery::path);
     let grpc = req
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let index = state.routes.find(&target.host, &path, &method);
+    let index = state.routes.find(&target.host, path, &method);
     let route = index.and_then(|i| state.targets.get(i));
     let route_name = route.map_or("-", |r| r.name.as_str());
     let identity = route.and_then(|r| r.identity.as_deref()).unwrap_or("-");
@@ -148,21 +183,18 @@ async fn forward(
         }
     }
 
-    parts.uri = upstream_uri(target, &parts.uri)?;
+    parts.uri = upstream_uri(target, std::mem::take(&mut parts.uri))?;
     let client_version = parts.version;
     // The upstream leg negotiates its own version by ALPN; hyper's client speaks h2 on an h2
     // connection whatever this says, and HTTP/2 here would forbid falling back to HTTP/1.1.
     parts.version = Version::HTTP_11;
     if !parts.headers.contains_key(header::HOST) {
         // h2 clients send :authority, which an HTTP/1.1 origin needs as Host.
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
-        }
+        parts
+            .headers
+            .insert(header::HOST, target.host_header.clone());
     }
 
-    let authority = format!("{}:{}", target.host, target.port);
     let timeout = state.config.upstream.response_timeout;
     let expects = client_version <= Version::HTTP_11
         && parts
@@ -190,13 +222,13 @@ async fn forward(
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
             return Err(ProxyError::Unreachable {
-                authority,
+                authority: target.host_port(),
                 message: crate::error_chain(&e),
             })
         }
         Err(_) => {
             return Err(ProxyError::Timeout {
-                authority,
+                authority: target.host_port(),
                 secs: timeout.as_secs(),
             })
         }
@@ -209,7 +241,7 @@ async fn forward(
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         let origin = hyper::upgrade::on(&mut resp);
-        tokio::spawn(join_upgraded(client, origin, authority));
+        tokio::spawn(join_upgraded(client, origin, target.host_port()));
     }
     Ok(resp.map(|b| b.boxed()))
 }
@@ -246,25 +278,56 @@ async fn join_upgraded(
     }
 }
 
-fn upstream_uri(target: &Target, incoming: &Uri) -> Result<Uri, ProxyError> {
-    let default_port = if target.tls { 443 } else { 80 };
-    let authority = if target.port == default_port {
-        target.host.clone()
-    } else {
-        format!("{}:{}", target.host, target.port)
-    };
-    let pq = incoming.path_and_query().map_or("/", |pq| pq.as_str());
-    Uri::builder()
-        .scheme(if target.tls { "https" } else { "http" })
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
+/// The client's path and query on the connection's scheme and authority: the client's own
+/// authority (or `Host`) is never used.
+fn upstream_uri(target: &Target, incoming: Uri) -> Result<Uri, ProxyError> {
+    let mut parts = incoming.into_parts();
+    parts.scheme = Some(target.scheme.clone());
+    parts.authority = Some(target.authority.clone());
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts)
         .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop fields every message loses, whatever its `Connection` names.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        &header::CONNECTION,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+    ]
+    .contains(&name)
 }
 
 /// Remove hop-by-hop fields (RFC 9110 §7.6.1): those named by `Connection`, and the fixed set.
 /// `TE: trailers` survives, since gRPC needs it end to end.
+///
+/// Runs twice per request; most messages (every h2 one, where these fields are illegal) have
+/// none, and a pass over the names finds that without hashing each fixed name.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let mut te_is_trailers = true;
+    let mut found = false;
+    for (name, value) in headers.iter() {
+        if name == header::TE {
+            te_is_trailers &= value.as_bytes().eq_ignore_ascii_case(b"trailers");
+        } else if is_hop_by_hop(name) {
+            found = true;
+            break;
+        }
+    }
+    if !found && te_is_trailers {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -282,17 +345,17 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
     for name in [
-        header::CONNECTION,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
+        &header::CONNECTION,
+        &header::PROXY_AUTHORIZATION,
+        &header::PROXY_AUTHENTICATE,
+        &header::TE,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
     ] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
     if keeps_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -334,27 +397,57 @@ mod tests {
     }
 
     #[test]
+    fn messages_without_hop_by_hop_fields_keep_every_field() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.append("x-many", HeaderValue::from_static("1"));
+        h.append("x-many", HeaderValue::from_static("2"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 4);
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert_eq!(h.get_all("x-many").iter().count(), 2);
+
+        // TE without trailers goes, alone or not.
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
+
+        // A field named only by Connection goes with it.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert("x-end", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-end"]);
+    }
+
+    #[test]
     fn upstream_uri_keeps_path_and_query_and_drops_default_port() {
-        let t = Target {
-            host: "storage.googleapis.com".into(),
-            port: 443,
-            tls: true,
-        };
-        let u = upstream_uri(&t, &"/b/x/o?alt=media".parse().unwrap()).unwrap();
+        let t = Target::new("storage.googleapis.com".into(), 443, true).unwrap();
+        let u = upstream_uri(&t, "/b/x/o?alt=media".parse().unwrap()).unwrap();
         assert_eq!(
             u.to_string(),
             "https://storage.googleapis.com/b/x/o?alt=media"
         );
-        let t = Target {
-            host: "h".into(),
-            port: 8443,
-            tls: true,
-        };
+        let t = Target::new("h".into(), 8443, true).unwrap();
         assert_eq!(
-            upstream_uri(&t, &"http://h:8443/p".parse().unwrap())
+            upstream_uri(&t, "http://h:8443/p".parse().unwrap())
                 .unwrap()
                 .to_string(),
             "https://h:8443/p"
+        );
+        // The connection's target decides, never the request's own authority.
+        let t = Target::new("h".into(), 80, false).unwrap();
+        assert_eq!(
+            upstream_uri(&t, "https://elsewhere.example:444".parse().unwrap())
+                .unwrap()
+                .to_string(),
+            "http://h/"
         );
     }
 }
