@@ -453,8 +453,12 @@ limits: {{ max_connections: 20000 }}
         .expect("start the proxy");
     let pid = proxy.id();
     let proxy_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..100 {
+    // Up to a minute: a build run under valgrind (see the README) starts slowly.
+    for _ in 0..1200 {
         if TcpStream::connect(proxy_addr).await.is_ok() && dir.join("ca.pem").exists() {
+            break;
+        }
+        if matches!(proxy.try_wait(), Ok(Some(_))) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
