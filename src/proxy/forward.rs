@@ -291,23 +291,17 @@ fn upstream_uri(target: &Target, incoming: Uri) -> Result<Uri, ProxyError> {
         .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
 }
 
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
-
 /// The hop-by-hop fields every message loses, whatever its `Connection` names.
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    [
-        &header::CONNECTION,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-    ]
-    .contains(&name)
-}
+static FIXED_HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
 
 /// Remove hop-by-hop fields (RFC 9110 §7.6.1): those named by `Connection`, and the fixed set.
 /// `TE: trailers` survives, since gRPC needs it end to end.
@@ -320,7 +314,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for (name, value) in headers.iter() {
         if name == header::TE {
             te_is_trailers &= value.as_bytes().eq_ignore_ascii_case(b"trailers");
-        } else if is_hop_by_hop(name) {
+        } else if FIXED_HOP_BY_HOP.contains(name) {
             found = true;
             break;
         }
@@ -344,16 +338,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for name in [
-        &header::CONNECTION,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-        &header::TE,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-    ] {
+    for name in &FIXED_HOP_BY_HOP {
         headers.remove(name);
     }
     if keeps_trailers {
@@ -428,26 +413,24 @@ mod tests {
 
     #[test]
     fn upstream_uri_keeps_path_and_query_and_drops_default_port() {
-        let t = Target::new("storage.googleapis.com".into(), 443, true).unwrap();
-        let u = upstream_uri(&t, "/b/x/o?alt=media".parse().unwrap()).unwrap();
-        assert_eq!(
-            u.to_string(),
-            "https://storage.googleapis.com/b/x/o?alt=media"
-        );
-        let t = Target::new("h".into(), 8443, true).unwrap();
-        assert_eq!(
-            upstream_uri(&t, "http://h:8443/p".parse().unwrap())
-                .unwrap()
-                .to_string(),
-            "https://h:8443/p"
-        );
-        // The connection's target decides, never the request's own authority.
-        let t = Target::new("h".into(), 80, false).unwrap();
-        assert_eq!(
-            upstream_uri(&t, "https://elsewhere.example:444".parse().unwrap())
-                .unwrap()
-                .to_string(),
-            "http://h/"
-        );
+        // (connection target, the request's URI, what goes upstream); the connection's target
+        // decides, never the request's own authority.
+        for ((host, port, tls), incoming, expected) in [
+            (
+                ("storage.googleapis.com", 443, true),
+                "/b/x/o?alt=media",
+                "https://storage.googleapis.com/b/x/o?alt=media",
+            ),
+            (("h", 8443, true), "http://h:8443/p", "https://h:8443/p"),
+            (
+                ("h", 80, false),
+                "https://elsewhere.example:444",
+                "http://h/",
+            ),
+        ] {
+            let t = Target::new(host.into(), port, tls).unwrap();
+            let u = upstream_uri(&t, incoming.parse().unwrap()).unwrap();
+            assert_eq!(u.to_string(), expected, "{incoming}");
+        }
     }
 }
