@@ -235,7 +235,8 @@ pub struct UpstreamConfig {
     /// Time allowed for the origin's response headers.
     #[serde(deserialize_with = "de_duration")]
     pub response_timeout: Duration,
-    /// Pooled idle connections are closed after this.
+    /// An upstream connection that carries no new request for this long is closed (streams
+    /// still open on an h2 connection run to their end).
     #[serde(deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
 }

@@ -57,6 +57,11 @@ struct Shared {
     /// The most recent [`SEEN_KEPT`] requests.
     seen: Mutex<VecDeque<Seen>>,
     connections: AtomicU64,
+    /// Connections ended so far (the client's close, the origin's own, or an error).
+    closed: AtomicU64,
+    /// After this many requests a connection is ended gracefully (h2 GOAWAY, HTTP/1.1
+    /// `Connection: close`), as front ends do at a maximum connection age; 0 for never.
+    requests_per_connection: AtomicU64,
     uploaded: AtomicU64,
     tokeninfo: Option<String>,
     http: reqwest::Client,
@@ -81,6 +86,8 @@ impl Origin {
         let shared = Arc::new(Shared {
             seen: Mutex::new(VecDeque::new()),
             connections: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            requests_per_connection: AtomicU64::new(0),
             uploaded: AtomicU64::new(0),
             tokeninfo,
             http: reqwest::Client::new(),
@@ -103,18 +110,35 @@ impl Origin {
                         return;
                     };
                     sh.connections.fetch_add(1, Ordering::SeqCst);
+                    let served = Arc::new(AtomicU64::new(0));
+                    let enough = Arc::new(tokio::sync::Notify::new());
                     let svc_sh = sh.clone();
+                    let (svc_served, svc_enough) = (served.clone(), enough.clone());
                     let svc = service_fn(move |req| {
                         let sh = svc_sh.clone();
+                        let limit = sh.requests_per_connection.load(Ordering::SeqCst);
+                        if limit > 0 && svc_served.fetch_add(1, Ordering::SeqCst) + 1 == limit {
+                            svc_enough.notify_one();
+                        }
                         async move { Ok::<_, std::convert::Infallible>(answer(req, &sh).await) }
                     });
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-                    tokio::select! {
-                        _ = conn => {}
-                        _ = stop_conn.wait_for(|s| *s) => {}
+                    tokio::pin!(conn);
+                    let retire = tokio::select! {
+                        _ = conn.as_mut() => false,
+                        _ = stop_conn.wait_for(|s| *s) => false,
+                        _ = enough.notified() => true,
+                    };
+                    if retire {
+                        conn.as_mut().graceful_shutdown();
+                        tokio::select! {
+                            _ = conn.as_mut() => {}
+                            _ = stop_conn.wait_for(|s| *s) => {}
+                        }
                     }
+                    sh.closed.fetch_add(1, Ordering::SeqCst);
                 });
             }
         });
@@ -147,6 +171,19 @@ impl Origin {
     /// TLS connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// TLS connections that have ended so far.
+    pub fn closed(&self) -> u64 {
+        self.shared.closed.load(Ordering::SeqCst)
+    }
+
+    /// End each connection gracefully after `n` requests (0: never), as front ends that cap
+    /// a connection's age do: h2 gets a GOAWAY, HTTP/1.1 a `Connection: close`.
+    pub fn set_requests_per_connection(&self, n: u64) {
+        self.shared
+            .requests_per_connection
+            .store(n, Ordering::SeqCst);
     }
 
     /// Bytes received on `/upload` so far.

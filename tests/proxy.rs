@@ -131,6 +131,101 @@ async fn a_client_connection_close_does_not_cost_an_upstream_handshake() {
     sb.shutdown().await;
 }
 
+/// `n` GETs at once through the proxy, each to its own path; their statuses.
+async fn at_once(client: &reqwest::Client, tag: &str, n: usize) -> Vec<u16> {
+    let calls = (0..n).map(|i| {
+        let client = client.clone();
+        let url = format!("https://storage.googleapis.com/storage/v1/b/{tag}-{i}/o");
+        async move {
+            client
+                .get(url)
+                .send()
+                .await
+                .map_or(0, |r| r.status().as_u16())
+        }
+    });
+    futures_util::future::join_all(calls).await
+}
+
+#[tokio::test]
+async fn concurrent_first_requests_share_one_upstream_connect() {
+    // One worker, so every request below needs that worker's one h2 connection to the origin,
+    // which none has yet: one connects, the others wait for it and then use it.
+    let sb = sandbox_with(|c| c.limits.workers = 1).await;
+    let client = sb.client().unwrap();
+    assert_eq!(at_once(&client, "first", 32).await, vec![200; 32]);
+    assert_eq!(
+        sb.origin.connections(),
+        1,
+        "one connect for 32 waiting requests"
+    );
+    assert_eq!(sb.origin.seen().len(), 32);
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_origin_ending_its_h2_connections_costs_no_request() {
+    // Front ends end h2 connections with a GOAWAY at some age; requests that meet one are
+    // sent again on a new connection, never failed.
+    let sb = sandbox_with(|c| c.limits.workers = 1).await;
+    sb.origin.set_requests_per_connection(5);
+    let client = sb.client().unwrap();
+    for round in 0..6 {
+        let tag = format!("goaway-{round}");
+        assert_eq!(
+            at_once(&client, &tag, 8).await,
+            vec![200; 8],
+            "round {round}"
+        );
+    }
+    for i in 0..12 {
+        let r = client
+            .get(format!(
+                "https://storage.googleapis.com/storage/v1/b/seq-{i}/o"
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "sequential request {i}");
+    }
+    assert_eq!(sb.origin.seen().len(), 60);
+    // Each round of 8 outlives its connection (the origin finishes the streams it took), and
+    // the 12 sequential requests need at least 2 more connections.
+    let opened = sb.origin.connections();
+    assert!(
+        opened >= 8,
+        "60 requests at 5 per connection took only {opened} connections"
+    );
+    sb.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_idle_upstream_connection_is_closed_then_reopened_on_demand() {
+    let sb = sandbox_with(|c| {
+        c.limits.workers = 1;
+        c.upstream.idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let client = sb.client().unwrap();
+    assert_eq!(at_once(&client, "idle", 4).await, vec![200; 4]);
+    assert_eq!(sb.origin.connections(), 1);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sb.origin.closed() < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle upstream connection was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(at_once(&client, "again", 4).await, vec![200; 4]);
+    assert_eq!(
+        sb.origin.connections(),
+        2,
+        "a new connection after the idle one closed"
+    );
+    sb.shutdown().await;
+}
+
 #[tokio::test]
 async fn an_unrouted_host_is_tunnelled_blind() {
     let sb = sandbox().await;

@@ -217,13 +217,13 @@ async fn forward(
             }
         });
     }
-    let sent = tokio::time::timeout(timeout, upstream.request(req));
+    let sent = tokio::time::timeout(timeout, Box::pin(upstream.request(req)));
     let mut resp = match sent.await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
             return Err(ProxyError::Unreachable {
                 authority: target.host_port(),
-                message: crate::error_chain(&e),
+                message: crate::error_chain(&*e),
             })
         }
         Err(_) => {

@@ -6,13 +6,15 @@
 //! - `forward.rs`: one intercepted request: route, token, header rewrite, upstream, access log.
 //! - `upload.rs`: the request body on its way upstream: lingering after an early answer, and
 //!   the gate that makes `Expect: 100-continue` wait for an HTTP/1.1 origin's 100.
-//! - `upstream.rs`: the pooled upstream client, its resolver, and the connector that notes
-//!   each origin's protocol.
+//! - `upstream.rs`: the upstream client, its resolver, and the connector that notes each
+//!   origin's protocol.
+//! - `multiplex.rs`: a worker's one h2 connection per origin, used without a pool.
 //! - `error.rs`: [`ProxyError`] and its response.
 
 mod connect;
 pub mod error;
 mod forward;
+mod multiplex;
 mod upload;
 pub mod upstream;
 

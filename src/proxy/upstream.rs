@@ -1,11 +1,12 @@
-//! The pooled upstream client: hyper-util's legacy client over hyper-rustls, verifying the
-//! real host name against the system roots plus configured extra roots, negotiating h2 where
-//! the origin offers it, with a `resolve` map (like curl's `--resolve`) that changes where a
-//! name connects without changing which name TLS verifies.
+//! The upstream client over hyper-rustls, verifying the real host name against the system roots
+//! plus configured extra roots, negotiating h2 where the origin offers it, with a `resolve` map
+//! (like curl's `--resolve`) that changes where a name connects without changing which name TLS
+//! verifies. Origins that speak h2 get one connection per worker, used directly
+//! ([`Multiplex`]); HTTP/1.1 origins and plain `http` go through hyper-util's pool.
 //!
-//! Each proxy worker thread has a client (and so a pool) of its own, built by [`client`] from
-//! the one TLS configuration that [`tls_config`] loads at start-up: a request and the upstream
-//! connection it rides on are then driven by the same thread.
+//! Each proxy worker thread has a client (and so its connections) of its own, built by
+//! [`client`] from the one TLS configuration that [`tls_config`] loads at start-up: a request
+//! and the upstream connection it rides on are then driven by the same thread.
 //!
 //! The connector also notes, in the [`Protocols`] all workers share, which origins answered
 //! their last new connection with HTTP/1.1 rather than h2: `Expect: 100-continue` can wait for
@@ -19,6 +20,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use dashmap::DashMap;
+use http::uri::Scheme;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
@@ -29,12 +33,59 @@ use rustls::pki_types::CertificateDer;
 use tower::Service;
 
 use super::error::ProxyError;
+use super::multiplex::Multiplex;
 use super::upload::Upload;
 use crate::config::UpstreamConfig;
 
 type Tls = hyper_rustls::HttpsConnector<HttpConnector<Resolver>>;
-pub type UpstreamClient = Client<Connector, Upload>;
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A worker's upstream client: its own h2 connections to origins that speak h2, hyper-util's
+/// pool for HTTP/1.1 origins and plain `http`.
+pub struct UpstreamClient {
+    multiplex: Multiplex,
+    pooled: Client<Connector, Upload>,
+}
+
+impl UpstreamClient {
+    /// Send `req`, whose URI is absolute, to its origin.
+    pub async fn request(&self, req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
+        if req.uri().scheme() != Some(&Scheme::HTTPS) {
+            return Ok(self.pooled.request(req).await?);
+        }
+        // The common case, kept small because this future is part of every request's task:
+        // the origin's h2 connection is up.
+        let req = match self.multiplex.live(req.uri()) {
+            Some((id, mut send)) => {
+                let sent = send.try_send_request(req);
+                drop(send);
+                match sent.await {
+                    Ok(resp) => return Ok(resp),
+                    Err(mut e) => match e.take_message() {
+                        // Never sent: the connection was going away. Again, on a new one.
+                        Some(back) => {
+                            tracing::debug!(error = %e.into_error(), "h2 connection gone; sending on a new one");
+                            self.multiplex.forget(back.uri(), id);
+                            back
+                        }
+                        None => return Err(e.into_error().into()),
+                    },
+                }
+            }
+            None => req,
+        };
+        Box::pin(self.connect_and_send(req)).await
+    }
+
+    /// No live h2 connection: open one, or learn that the origin speaks HTTP/1.1 and use the
+    /// pool.
+    async fn connect_and_send(&self, req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
+        match self.multiplex.connect_and_send(req).await {
+            Ok(sent) => sent,
+            Err(http1) => Ok(self.pooled.request(http1).await?),
+        }
+    }
+}
 
 /// Which protocol each origin (`host:port`) negotiated on its newest upstream connection.
 #[derive(Default)]
@@ -189,6 +240,10 @@ pub fn client(
         .https_or_http()
         .enable_all_versions()
         .wrap_connector(http);
+    let connector = Connector {
+        tls: https,
+        protocols: protocols.clone(),
+    };
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .pool_idle_timeout(cfg.idle_timeout)
@@ -196,8 +251,8 @@ pub fn client(
         .timer(TokioTimer::new())
         .pool_max_idle_per_host(256)
         .http2_adaptive_window(true);
-    builder.build(Connector {
-        tls: https,
-        protocols,
-    })
+    UpstreamClient {
+        multiplex: Multiplex::new(connector.clone(), protocols, cfg.idle_timeout),
+        pooled: builder.build(connector),
+    }
 }
