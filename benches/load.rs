@@ -18,6 +18,11 @@
 //! process hops as interception but no work of the proxy's own, so it is a practical ceiling
 //! for any proxy on this machine, and at one connection the floor that its cross-process
 //! wake-ups put under the added latency.
+//!
+//! Besides the proxy's CPU per request, each row gives this tool's own (its clients and the
+//! origin together) in the direct phase and in the row's phase, and how much of the machine
+//! sat idle: on a machine the three share, what the proxy makes the tool spend and the time
+//! nobody runs are as much a part of the ratio as the proxy's own CPU.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -192,7 +197,7 @@ async fn h2_conn(t: &Target, until: Instant, streams: usize) -> Tally {
 
 fn print_row(label: &str, r: &Rounds) {
     println!(
-        "{:<26} {:>10.0} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>9.0} {:>11.1} µs{}",
+        "{:<26} {:>10.0} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>9.0} {:>11.1} µs {:>7.1} → {:>5.1} µs {:>5.0}%{}",
         label,
         r.direct_rps,
         r.proxy_rps,
@@ -201,6 +206,9 @@ fn print_row(label: &str, r: &Rounds) {
         r.proxy_p50,
         r.proxy_p99,
         r.cpu_per_req_us,
+        r.tool_direct_us,
+        r.tool_proxy_us,
+        r.idle * 100.0,
         if r.errors > 0 {
             format!("  (errors: {})", r.errors)
         } else {
@@ -219,6 +227,11 @@ struct Rounds {
     proxy_p99: f64,
     added_p50: f64,
     cpu_per_req_us: f64,
+    /// The load tool's own CPU per request: direct, and in this phase.
+    tool_direct_us: f64,
+    tool_proxy_us: f64,
+    /// Machine idle share in this phase.
+    idle: f64,
     errors: u64,
 }
 
@@ -242,7 +255,7 @@ async fn rounds_of(
     rounds: usize,
     pid: u32,
 ) -> Vec<Rounds> {
-    let mut cols: Vec<[Vec<f64>; 8]> = vias.iter().map(|_| Default::default()).collect();
+    let mut cols: Vec<[Vec<f64>; 11]> = vias.iter().map(|_| Default::default()).collect();
     let mut errors = vec![0; vias.len()];
     for round in 0..rounds {
         // Index 0 is the direct phase, 1.. the proxied targets.
@@ -270,6 +283,9 @@ async fn rounds_of(
                 f64::from(p.p99),
                 f64::from(p.p50) - f64::from(d.p50),
                 cpu * 1e6 / (p.requests.max(1) as f64),
+                d.tool_cpu_us,
+                p.tool_cpu_us,
+                p.idle,
             ];
             for (col, v) in cols[k].iter_mut().zip(row) {
                 col.push(v);
@@ -279,7 +295,7 @@ async fn rounds_of(
     cols.into_iter()
         .zip(errors)
         .map(|(c, errors)| {
-            let [a, b, c, d, e, f, g, h] = c.map(median);
+            let [a, b, c, d, e, f, g, h, i, j, k] = c.map(median);
             Rounds {
                 direct_rps: a,
                 proxy_rps: b,
@@ -289,6 +305,9 @@ async fn rounds_of(
                 proxy_p99: f,
                 added_p50: g,
                 cpu_per_req_us: h,
+                tool_direct_us: i,
+                tool_proxy_us: j,
+                idle: k,
                 errors,
             }
         })
@@ -301,11 +320,16 @@ struct Phase {
     p99: u32,
     errors: u64,
     requests: usize,
+    /// This process's CPU (the clients and the origin) per request, in µs.
+    tool_cpu_us: f64,
+    /// The share of the machine's CPU time that went idle during the phase.
+    idle: f64,
 }
 
 async fn phase(t: &Target, mode: &str, secs: f64) -> Phase {
     let until = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
+    let (tool0, idle0) = (cpu_secs(std::process::id()), machine_ticks());
     let mut all = match mode {
         "h2" => h2_conn(t, until, 100).await,
         _ => {
@@ -334,6 +358,9 @@ async fn phase(t: &Target, mode: &str, secs: f64) -> Phase {
         }
     };
     let elapsed = started.elapsed().as_secs_f64();
+    let tool = cpu_secs(std::process::id()) - tool0;
+    let (idle1, total1) = machine_ticks();
+    let idle = (idle1 - idle0.0) / (total1 - idle0.1).max(1.0);
     all.lat_us.sort_unstable();
     let pct = |p: f64| {
         all.lat_us
@@ -347,7 +374,25 @@ async fn phase(t: &Target, mode: &str, secs: f64) -> Phase {
         p99: pct(0.99),
         errors: all.errors,
         requests: all.lat_us.len(),
+        tool_cpu_us: tool * 1e6 / (all.lat_us.len().max(1) as f64),
+        idle,
     }
+}
+
+/// Idle and total CPU ticks of the whole machine, from the first line of /proc/stat.
+fn machine_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait …: idle and iowait count as idle.
+    let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+    (idle, ticks.iter().sum())
 }
 
 /// utime + stime of a process, in seconds.
@@ -504,7 +549,7 @@ limits: {{ max_connections: 20000 }}
             .unwrap_or(1)
     );
     println!(
-        "{:<26} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>14}",
+        "{:<26} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>14} {:>18} {:>6}",
         "mode",
         "direct r/s",
         "proxy r/s",
@@ -512,7 +557,9 @@ limits: {{ max_connections: 20000 }}
         "p50 d µs",
         "p50 p µs",
         "p99 p µs",
-        "proxy CPU/req"
+        "proxy CPU/req",
+        "tool CPU/req d → p",
+        "idle"
     );
     let only = std::env::var("LOAD_MODES").ok();
     for (mode, label) in [
