@@ -197,7 +197,7 @@ async fn h2_conn(t: &Target, until: Instant, streams: usize) -> Tally {
 
 fn print_row(label: &str, r: &Rounds) {
     println!(
-        "{:<26} {:>10.0} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>9.0} {:>11.1} µs {:>7.1} → {:>5.1} µs {:>5.0}%{}",
+        "{:<26} {:>10.0} {:>10.0} {:>7.2} {:>8.0} {:>8.0} {:>9.0} {:>11.1} µs {:>7.1} → {:>5.1} µs {:>5.0}% → {:>3.0}%{}",
         label,
         r.direct_rps,
         r.proxy_rps,
@@ -208,6 +208,7 @@ fn print_row(label: &str, r: &Rounds) {
         r.cpu_per_req_us,
         r.tool_direct_us,
         r.tool_proxy_us,
+        r.idle_direct * 100.0,
         r.idle * 100.0,
         if r.errors > 0 {
             format!("  (errors: {})", r.errors)
@@ -230,7 +231,8 @@ struct Rounds {
     /// The load tool's own CPU per request: direct, and in this phase.
     tool_direct_us: f64,
     tool_proxy_us: f64,
-    /// Machine idle share in this phase.
+    /// Machine idle share in the direct phase and in this phase.
+    idle_direct: f64,
     idle: f64,
     errors: u64,
 }
@@ -255,7 +257,7 @@ async fn rounds_of(
     rounds: usize,
     pid: u32,
 ) -> Vec<Rounds> {
-    let mut cols: Vec<[Vec<f64>; 11]> = vias.iter().map(|_| Default::default()).collect();
+    let mut cols: Vec<[Vec<f64>; 12]> = vias.iter().map(|_| Default::default()).collect();
     let mut errors = vec![0; vias.len()];
     for round in 0..rounds {
         // Index 0 is the direct phase, 1.. the proxied targets.
@@ -285,6 +287,7 @@ async fn rounds_of(
                 cpu * 1e6 / (p.requests.max(1) as f64),
                 d.tool_cpu_us,
                 p.tool_cpu_us,
+                d.idle,
                 p.idle,
             ];
             for (col, v) in cols[k].iter_mut().zip(row) {
@@ -295,7 +298,7 @@ async fn rounds_of(
     cols.into_iter()
         .zip(errors)
         .map(|(c, errors)| {
-            let [a, b, c, d, e, f, g, h, i, j, k] = c.map(median);
+            let [a, b, c, d, e, f, g, h, i, j, k, l] = c.map(median);
             Rounds {
                 direct_rps: a,
                 proxy_rps: b,
@@ -307,7 +310,8 @@ async fn rounds_of(
                 cpu_per_req_us: h,
                 tool_direct_us: i,
                 tool_proxy_us: j,
-                idle: k,
+                idle_direct: k,
+                idle: l,
                 errors,
             }
         })
@@ -549,7 +553,7 @@ limits: {{ max_connections: 20000 }}
             .unwrap_or(1)
     );
     println!(
-        "{:<26} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>14} {:>18} {:>6}",
+        "{:<26} {:>10} {:>10} {:>7} {:>8} {:>8} {:>9} {:>14} {:>18} {:>12}",
         "mode",
         "direct r/s",
         "proxy r/s",
@@ -559,7 +563,7 @@ limits: {{ max_connections: 20000 }}
         "p99 p µs",
         "proxy CPU/req",
         "tool CPU/req d → p",
-        "idle"
+        "idle d → p"
     );
     let only = std::env::var("LOAD_MODES").ok();
     for (mode, label) in [
