@@ -196,12 +196,19 @@ async fn forward(
     }
 
     let timeout = state.config.upstream.response_timeout;
+    // Whether the origin will send its own 100 decides how the body waits; for an origin no
+    // connection has told about yet, a connect finds out (bounded like any connect).
     let expects = client_version <= Version::HTTP_11
         && parts
             .headers
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-        && state.protocols.is_http1(&target.host, target.port);
+        && tokio::time::timeout(
+            state.config.upstream.connect_timeout,
+            upstream.speaks_http1(&parts.uri),
+        )
+        .await
+        .unwrap_or(false);
     let mut body = Upload::new(body, client_version);
     let mut continues = None;
     if expects {

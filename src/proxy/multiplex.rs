@@ -123,6 +123,15 @@ impl Multiplex {
         }
     }
 
+    /// Connect to the origin of `uri`, as for a request, to learn whether it speaks HTTP/1.1;
+    /// a failed connect answers no.
+    pub async fn speaks_http1(&self, uri: &Uri) -> bool {
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        matches!(self.connect(authority).await, Ok(None))
+    }
+
     /// Open the origin's connection, one connect at a time; `None` if it speaks HTTP/1.1.
     async fn connect(
         &self,

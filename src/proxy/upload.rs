@@ -15,11 +15,11 @@
 //! the protocol's own way of saying "stop sending" (RFC 9113 §8.1).
 //!
 //! `Expect: 100-continue`: hyper's server tells the client to go on when the body is first
-//! read. Towards an origin known to speak HTTP/1.1, the body waits behind a [`Continue`] gate
-//! until the origin sends its own 100 (or [`EXPECT_WAIT`] passes, as a client does with an
-//! origin that ignores the expectation), so an origin that refuses the upload before it starts
-//! has the client send nothing. Towards h2 origins, whose 1xx hyper's client does not report,
-//! the body flows at once.
+//! read. Towards an origin that speaks HTTP/1.1 (a connect finds out if no connection has told
+//! yet), the body waits behind a [`Continue`] gate until the origin sends its own 100 (or
+//! [`EXPECT_WAIT`] passes, as a client does with an origin that ignores the expectation), so an
+//! origin that refuses the upload before it starts has the client send nothing. Towards h2
+//! origins, whose 1xx hyper's client does not report, the body flows at once.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -45,6 +45,7 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct UpstreamClient {
     multiplex: Multiplex,
     pooled: Client<Connector, Upload>,
+    protocols: Arc<Protocols>,
 }
 
 impl UpstreamClient {
@@ -77,6 +78,29 @@ impl UpstreamClient {
         Box::pin(self.connect_and_send(req)).await
     }
 
+    /// Whether the origin of `uri` (absolute) speaks HTTP/1.1. An origin that no connection
+    /// has told about yet is connected to now, one connect at a time as for a request; the
+    /// connection is kept if it speaks h2. A failed connect answers no: the request meets the
+    /// failure itself.
+    pub async fn speaks_http1(&self, uri: &http::Uri) -> bool {
+        let Some(host) = uri.host() else {
+            return false;
+        };
+        let https = uri.scheme() == Some(&Scheme::HTTPS);
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        if let Some(h2) = self.protocols.negotiated_h2(host, port) {
+            return !h2;
+        }
+        if !https {
+            // The pooled client speaks HTTP/1.1 to plain http.
+            return true;
+        }
+        if self.multiplex.live(uri).is_some() {
+            return false;
+        }
+        Box::pin(self.multiplex.speaks_http1(uri)).await
+    }
+
     /// No live h2 connection: open one, or learn that the origin speaks HTTP/1.1 and use the
     /// pool.
     async fn connect_and_send(&self, req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
@@ -104,7 +128,13 @@ impl Protocols {
 
     /// The origin's newest upstream connection spoke HTTP/1.x.
     pub fn is_http1(&self, host: &str, port: u16) -> bool {
-        self.0.get(&key(host, port)).is_some_and(|h2| !*h2)
+        self.negotiated_h2(host, port) == Some(false)
+    }
+
+    /// What the origin's newest upstream connection negotiated: h2 or not; `None` if no
+    /// connection has told yet.
+    pub fn negotiated_h2(&self, host: &str, port: u16) -> Option<bool> {
+        self.0.get(&key(host, port)).map(|h2| *h2)
     }
 }
 
@@ -252,7 +282,8 @@ pub fn client(
         .pool_max_idle_per_host(256)
         .http2_adaptive_window(true);
     UpstreamClient {
-        multiplex: Multiplex::new(connector.clone(), protocols, cfg.idle_timeout),
+        multiplex: Multiplex::new(connector.clone(), protocols.clone(), cfg.idle_timeout),
         pooled: builder.build(connector),
+        protocols,
     }
 }
