@@ -116,7 +116,7 @@ impl Multiplex {
                 // Not even sent on a connection just opened: it is of no use to anyone. (An
                 // error after sending, such as a reset of this one stream, leaves it be.)
                 if e.take_message().is_some() {
-                    self.forget_id(&authority, id);
+                    forget(&self.entries, &authority, id);
                 }
                 Ok(Err(e.into_error().into()))
             }
@@ -227,12 +227,8 @@ impl Multiplex {
     /// Drop connection `id` to the origin of `uri`, if it is still the one on record.
     pub fn forget(&self, uri: &Uri, id: u64) {
         if let Some(authority) = uri.authority() {
-            self.forget_id(authority, id);
+            forget(&self.entries, authority, id);
         }
-    }
-
-    fn forget_id(&self, authority: &Authority, id: u64) {
-        forget(&self.entries, authority, id);
     }
 }
 
