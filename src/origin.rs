@@ -110,10 +110,9 @@ impl Origin {
                         return;
                     };
                     sh.connections.fetch_add(1, Ordering::SeqCst);
-                    let served = Arc::new(AtomicU64::new(0));
                     let enough = Arc::new(tokio::sync::Notify::new());
                     let svc_sh = sh.clone();
-                    let (svc_served, svc_enough) = (served.clone(), enough.clone());
+                    let (svc_served, svc_enough) = (Arc::new(AtomicU64::new(0)), enough.clone());
                     let svc = service_fn(move |req| {
                         let sh = svc_sh.clone();
                         let limit = sh.requests_per_connection.load(Ordering::SeqCst);
