@@ -203,7 +203,7 @@ async fn an_origin_ending_its_h2_connections_costs_no_request() {
 async fn an_idle_upstream_connection_is_closed_then_reopened_on_demand() {
     let sb = sandbox_with(|c| {
         c.limits.workers = 1;
-        c.upstream.idle_timeout = Duration::from_millis(300);
+        c.upstream.idle_timeout = Duration::from_secs(1);
     })
     .await;
     let client = sb.client().unwrap();
