@@ -59,6 +59,13 @@ pub struct Config {
     pub unmatched: Unmatched,
     /// Ports a client may CONNECT to or forward to; anything else is refused (no open relay).
     pub allowed_ports: Vec<u16>,
+    /// What happens to an absolute-form `http://` request whose route gives it a token: a
+    /// token never leaves the proxy in cleartext.
+    pub plain_http: PlainHttp,
+    /// An HTTP(S) proxy for the proxy's own calls to Google's token services (IAM
+    /// Credentials, OAuth2, STS). Without it they go direct, whatever `HTTPS_PROXY` says in
+    /// the proxy's own environment (which may well point at the proxy itself).
+    pub outbound_proxy: Option<String>,
     pub upstream: UpstreamConfig,
     pub limits: LimitsConfig,
     pub tokens: TokensConfig,
@@ -77,6 +84,8 @@ impl Default for Config {
             other_hosts: OtherHosts::Tunnel,
             unmatched: Unmatched::Forward,
             allowed_ports: vec![443, 80],
+            plain_http: PlainHttp::Upgrade,
+            outbound_proxy: None,
             upstream: UpstreamConfig::default(),
             limits: LimitsConfig::default(),
             tokens: TokensConfig::default(),
@@ -218,6 +227,15 @@ pub enum Unmatched {
     /// Forward without touching `Authorization`.
     Forward,
     /// Answer 403.
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlainHttp {
+    /// Send it upstream over TLS to the host's port 443, the host name verified.
+    Upgrade,
+    /// Answer 403, naming the route.
     Deny,
 }
 
@@ -433,6 +451,25 @@ impl Config {
         }
         url::Url::parse(&self.iam.endpoint)
             .map_err(|e| invalid("iam.endpoint".into(), format!("not a URL: {e}")))?;
+        if let Some(proxy) = &self.outbound_proxy {
+            // Not echoed: a proxy URL may carry a password.
+            let ok = url::Url::parse(proxy)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            if !ok {
+                return Err(invalid(
+                    "outbound_proxy".into(),
+                    "expected an http:// or https:// proxy URL".into(),
+                ));
+            }
+        }
+        for key in self.upstream.resolve.keys() {
+            if split_host_port(key).is_none() {
+                return Err(invalid(
+                    format!("upstream.resolve.{key}"),
+                    "keys are `host:port`, like curl's --resolve".into(),
+                ));
+            }
+        }
         // Host, path and method patterns are checked by compiling the table once here, so a bad
         // pattern is a start-up error that names this file.
         crate::routes::RouteTable::compile(self).map_err(|e| match e {
@@ -449,6 +486,19 @@ impl Config {
             .and_then(|r| r.name.clone())
             .unwrap_or_else(|| format!("route-{}", index + 1))
     }
+}
+
+/// `host:port` (the host lower-cased, without a trailing dot, IPv6 literals in brackets), as
+/// `upstream.resolve` keys are written.
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() || port == 0 {
+        return None;
+    }
+    Some((host.to_ascii_lowercase(), port))
 }
 
 /// `NAME@PROJECT.iam.gserviceaccount.com`, or any `x@y.z` (default compute accounts and
@@ -585,6 +635,38 @@ other_hosts: deny
         assert!(matches!(c.source, SourceConfig::File(ref p) if p == Path::new("creds.json")));
         assert_eq!(c.route_name(1), "route-2");
         assert_eq!(c.allowed_ports, vec![443, 80]);
+        assert_eq!(c.plain_http, PlainHttp::Upgrade);
+        assert!(c.outbound_proxy.is_none());
+    }
+
+    #[test]
+    fn resolve_keys_need_a_port_and_the_outbound_proxy_a_url() {
+        let with = |extra: &str| Config::from_yaml(&format!("{GOOD}{extra}"), "t.yaml");
+        let c = with(
+            "upstream: { resolve: { \"Storage.googleapis.com:443\": 127.0.0.1:1, \"storage.googleapis.com:80\": 127.0.0.1:2 } }\nplain_http: deny\n",
+        )
+        .unwrap();
+        assert_eq!(c.upstream.resolve.len(), 2);
+        assert_eq!(c.plain_http, PlainHttp::Deny);
+        let e = with("upstream: { resolve: { storage.googleapis.com: 127.0.0.1:1 } }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream.resolve.storage.googleapis.com"), "{e}");
+        let e = with("outbound_proxy: \"socks5://user:hunter2@corp:1080\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("outbound_proxy") && !e.contains("hunter2"),
+            "{e}"
+        );
+        assert!(with("outbound_proxy: http://corp:3128\n").is_ok());
+        assert_eq!(split_host_port("[::1]:443"), Some(("::1".to_string(), 443)));
+        assert_eq!(
+            split_host_port("Host.Example.:8443"),
+            Some(("host.example".to_string(), 8443))
+        );
+        assert_eq!(split_host_port("host"), None);
+        assert_eq!(split_host_port("host:0"), None);
     }
 
     #[test]

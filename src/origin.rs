@@ -332,9 +332,21 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
     resp
 }
 
-/// A throwaway CA and a leaf for `names`, as a rustls server config with ALPN h2 + http/1.1,
-/// and the CA's PEM. Also used by test servers of other kinds (the gRPC origin).
-pub fn tls_config(names: &[&str]) -> Result<(rustls::ServerConfig, String), String> {
+/// A throwaway CA and a leaf it signed, for test servers of every kind: this origin, the
+/// gRPC origins, and third-party servers (nginx, grpcio) that read PEM files.
+pub struct TestCertificates {
+    /// The CA, which clients of these servers trust.
+    pub ca_pem: String,
+    /// The leaf, then the CA.
+    pub chain_pem: String,
+    /// The leaf's private key (PKCS#8).
+    pub key_pem: String,
+    chain: Vec<CertificateDer<'static>>,
+    key_der: Vec<u8>,
+}
+
+/// A CA and a leaf for `names` (DNS names or IP addresses).
+pub fn test_certificates(names: &[&str]) -> Result<TestCertificates, String> {
     let err = |e: rcgen::Error| format!("origin certificate: {e}");
     let ca_key = KeyPair::generate().map_err(err)?;
     let mut ca_params = CertificateParams::default();
@@ -357,14 +369,26 @@ pub fn tls_config(names: &[&str]) -> Result<(rustls::ServerConfig, String), Stri
         params.subject_alt_names.push(san);
     }
     let leaf = params.signed_by(&leaf_key, &issuer).map_err(err)?;
-    let chain: Vec<CertificateDer<'static>> = vec![leaf.der().clone(), ca_cert.der().clone()];
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    Ok(TestCertificates {
+        ca_pem: ca_cert.pem(),
+        chain_pem: format!("{}{}", leaf.pem(), ca_cert.pem()),
+        key_pem: leaf_key.serialize_pem(),
+        chain: vec![leaf.der().clone(), ca_cert.der().clone()],
+        key_der: leaf_key.serialize_der(),
+    })
+}
+
+/// A throwaway CA and a leaf for `names`, as a rustls server config with ALPN h2 + http/1.1,
+/// and the CA's PEM. Also used by test servers of other kinds (the gRPC origin).
+pub fn tls_config(names: &[&str]) -> Result<(rustls::ServerConfig, String), String> {
+    let certs = test_certificates(names)?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certs.key_der));
     let mut config = rustls::ServerConfig::builder()
         .with_no_client_auth()
-        .with_single_cert(chain, key)
+        .with_single_cert(certs.chain, key)
         .map_err(|e| format!("origin TLS config: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok((config, ca_cert.pem()))
+    Ok((config, certs.ca_pem))
 }
 
 #[cfg(test)]

@@ -85,11 +85,13 @@ async fn handle(
     stop: watch::Receiver<bool>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Result<Response<Body>, Infallible> {
+    // For the access line of a refusal: what the client asked for (cheap, shared bytes).
+    let asked = req.uri().authority().cloned();
     if req.method() == Method::CONNECT {
         return Ok(
             match connect(req, peer, &state, upstream, stop, permit).await {
                 Ok(resp) => resp,
-                Err(e) => refuse(&state, &e),
+                Err(e) => refuse(&state, peer, asked.as_ref(), &e),
             },
         );
     }
@@ -98,7 +100,7 @@ async fn handle(
     if uri.scheme() == Some(&http::uri::Scheme::HTTP) && uri.authority().is_some() {
         let target = match plain_target(&req, &state) {
             Ok(t) => t,
-            Err(e) => return Ok(refuse(&state, &e)),
+            Err(e) => return Ok(refuse(&state, peer, asked.as_ref(), &e)),
         };
         return forward::request(req, Arc::new(target), peer, state, upstream).await;
     }
@@ -112,13 +114,32 @@ async fn handle(
             "this is a proxy: send CONNECT host:port or an absolute-form http:// request".into(),
         )
     };
-    Ok(refuse(&state, &e))
+    Ok(refuse(&state, peer, asked.as_ref(), &e))
 }
 
-fn refuse(state: &ProxyState, e: &ProxyError) -> Response<Body> {
+/// Answer a request the proxy will not carry, with one access line saying who asked for what
+/// and why: `refused` for policy and malformed requests, `failed` when the target could not
+/// be reached.
+fn refuse(
+    state: &ProxyState,
+    peer: SocketAddr,
+    asked: Option<&http::uri::Authority>,
+    e: &ProxyError,
+) -> Response<Body> {
     state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
-    state.metrics.count_status(e.status().as_u16());
-    tracing::info!(target: "impersonate_proxy::access", status = e.status().as_u16(), error = %e, "refused");
+    let status = e.status().as_u16();
+    state.metrics.count_status(status);
+    let target = asked.map_or("-", http::uri::Authority::as_str);
+    let outcome = if e.status().is_server_error() {
+        "failed"
+    } else {
+        "refused"
+    };
+    tracing::info!(
+        target: "impersonate_proxy::access",
+        client = %peer, target, route = "-", status, reason = %e,
+        "{outcome}"
+    );
     to_response(e)
 }
 
@@ -192,7 +213,7 @@ async fn connect(
             }
         };
         match upstream {
-            Some(tcp) => tunnel(upgraded, tcp, &host, &state).await,
+            Some(tcp) => tunnel(upgraded, tcp, peer, &host, port, &state).await,
             None => {
                 let conn = Intercepted {
                     host,
@@ -218,7 +239,7 @@ async fn dial(host: &str, port: u16, state: &ProxyState) -> Result<TcpStream, Pr
         authority: format!("{host}:{port}"),
         message,
     };
-    let mapped = up.resolve.get(&format!("{host}:{port}")).copied();
+    let mapped = state.overrides.get(host, port);
     let fut = async {
         match mapped {
             Some(addr) => TcpStream::connect(addr).await,
@@ -238,17 +259,30 @@ async fn dial(host: &str, port: u16, state: &ProxyState) -> Result<TcpStream, Pr
     }
 }
 
+/// Copy bytes both ways until either side closes; one access line when it ends.
 async fn tunnel(
     upgraded: hyper::upgrade::Upgraded,
     mut tcp: TcpStream,
+    peer: SocketAddr,
     host: &str,
+    port: u16,
     state: &ProxyState,
 ) {
     state.metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
+    let started = std::time::Instant::now();
     let mut client = TokioIo::new(upgraded);
-    match tokio::io::copy_bidirectional(&mut client, &mut tcp).await {
-        Ok((up, down)) => tracing::debug!(host, up, down, "tunnel closed"),
-        Err(e) => tracing::debug!(host, error = %e, "tunnel ended with an error"),
+    let copied = tokio::io::copy_bidirectional(&mut client, &mut tcp).await;
+    let secs = started.elapsed().as_secs_f64();
+    match copied {
+        Ok((up, down)) => tracing::info!(
+            target: "impersonate_proxy::access",
+            client = %peer, host, port, up, down, secs, "tunnel closed"
+        ),
+        // A reset by either end is how many tunnels end; not the proxy's failure.
+        Err(e) => tracing::info!(
+            target: "impersonate_proxy::access",
+            client = %peer, host, port, secs, reason = %e, "tunnel ended with an error"
+        ),
     }
 }
 
@@ -283,7 +317,7 @@ async fn intercept_tls(
     let start = match acceptor.await {
         Ok(s) => s,
         Err(e) => {
-            tracing::debug!(host, error = %e, "client did not start TLS");
+            tracing::info!(target: "impersonate_proxy::access", client = %peer, host, port, reason = %e, "client did not start TLS");
             return;
         }
     };
@@ -292,9 +326,12 @@ async fn intercept_tls(
     if let Some(sni) = start.client_hello().server_name() {
         if !sni.trim_end_matches('.').eq_ignore_ascii_case(&host) {
             tracing::info!(
+                target: "impersonate_proxy::access",
+                client = %peer,
                 host,
+                port,
                 sni,
-                "TLS server name differs from the CONNECT host; closing"
+                "refused: the TLS server name differs from the CONNECT host"
             );
             return;
         }
@@ -309,7 +346,8 @@ async fn intercept_tls(
     let tls = match start.into_stream(config).await {
         Ok(t) => t,
         Err(e) => {
-            tracing::debug!(host, error = %e, "TLS handshake with client failed");
+            // Most often the client does not trust the proxy's CA: say so where users look.
+            tracing::info!(target: "impersonate_proxy::access", client = %peer, host, port, reason = %e, "TLS handshake with the client failed");
             return;
         }
     };

@@ -15,6 +15,10 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("refused by policy: {0}")]
     Refused(String),
+    /// The request names another authority than the connection it came on (RFC 9110
+    /// §15.5.20): its token and route belong to the connection's target.
+    #[error("misdirected request: it names {named}, but this connection is for {target}")]
+    Misdirected { named: String, target: String },
     #[error("no token for route `{route}` identity `{identity}`: {source}")]
     NoToken {
         route: String,
@@ -35,6 +39,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::Refused(_) => StatusCode::FORBIDDEN,
+            ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -46,7 +51,7 @@ impl ProxyError {
 /// Google's status names for the codes we return.
 fn google_status(code: StatusCode) -> &'static str {
     match code {
-        StatusCode::BAD_REQUEST => "INVALID_ARGUMENT",
+        StatusCode::BAD_REQUEST | StatusCode::MISDIRECTED_REQUEST => "INVALID_ARGUMENT",
         StatusCode::FORBIDDEN => "PERMISSION_DENIED",
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY => "UNAVAILABLE",
         StatusCode::GATEWAY_TIMEOUT => "DEADLINE_EXCEEDED",
@@ -57,11 +62,11 @@ fn google_status(code: StatusCode) -> &'static str {
 /// gRPC's code for each of our statuses (the HTTP-to-gRPC mapping of the gRPC spec).
 fn grpc_code(code: StatusCode) -> u8 {
     match code {
-        StatusCode::BAD_REQUEST => 3,     // INVALID_ARGUMENT
-        StatusCode::FORBIDDEN => 7,       // PERMISSION_DENIED
-        StatusCode::GATEWAY_TIMEOUT => 4, // DEADLINE_EXCEEDED
+        StatusCode::BAD_REQUEST | StatusCode::MISDIRECTED_REQUEST => 3, // INVALID_ARGUMENT
+        StatusCode::FORBIDDEN => 7,                                     // PERMISSION_DENIED
+        StatusCode::GATEWAY_TIMEOUT => 4,                               // DEADLINE_EXCEEDED
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => 14, // UNAVAILABLE
-        _ => 13,                          // INTERNAL
+        _ => 13,                                                        // INTERNAL
     }
 }
 

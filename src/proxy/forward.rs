@@ -12,14 +12,15 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 
 use super::error::{to_response_for, ProxyError};
+use super::headers;
 use super::upload::{Continue, Upload};
 use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
-use crate::config::Unmatched;
+use crate::config::{PlainHttp, Unmatched};
 
 /// Where the requests of one connection go: the CONNECT target (or the absolute-form URI's
 /// authority). Routing and the upstream authority come from here, never from the client's
@@ -27,38 +28,60 @@ use crate::config::Unmatched;
 pub(crate) struct Target {
     pub host: String,
     pub port: u16,
-    /// Scheme and authority of every upstream URI, and the `Host` an h2 client's requests
-    /// get, built once for the connection.
+    /// Scheme and authority of every upstream URI, built once for the connection.
     scheme: Scheme,
     authority: Authority,
-    host_header: HeaderValue,
+    /// A plain `http` target (an absolute-form request on the listener): `Host` is ignored
+    /// there, and a request a route gives a token goes to this `https` authority instead
+    /// (the host on 443), or is refused, by `plain_http`.
+    tls_authority: Option<Authority>,
 }
 
 impl Target {
     /// `host` is lower-case without a trailing dot, as [`super::connect`] checked it.
     pub fn new(host: String, port: u16, tls: bool) -> Result<Target, ProxyError> {
         let default_port = if tls { 443 } else { 80 };
+        let bad = |e: http::uri::InvalidUri| {
+            ProxyError::BadRequest(format!("{host}:{port} is not an authority: {e}"))
+        };
         let authority = if port == default_port {
             Authority::try_from(host.as_str())
         } else {
             Authority::try_from(format!("{host}:{port}"))
         }
-        .map_err(|e| ProxyError::BadRequest(format!("{host}:{port} is not an authority: {e}")))?;
-        let host_header = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| ProxyError::BadRequest(format!("{host}:{port}: {e}")))?;
+        .map_err(bad)?;
+        let tls_authority = if tls {
+            None
+        } else {
+            Some(Authority::try_from(host.as_str()).map_err(bad)?)
+        };
         let scheme = if tls { Scheme::HTTPS } else { Scheme::HTTP };
         Ok(Target {
             host,
             port,
             scheme,
             authority,
-            host_header,
+            tls_authority,
         })
     }
 
-    /// `host:port`, for messages.
-    fn host_port(&self) -> String {
+    /// `host:port`, for messages and access lines.
+    pub fn host_port(&self) -> String {
         format!("{}:{}", self.host, self.port)
+    }
+
+    /// What the requests on this connection must name as their authority.
+    fn expected(&self) -> headers::Expected<'_> {
+        headers::Expected {
+            host: &self.host,
+            port: self.port,
+            default_port: if self.scheme == Scheme::HTTPS {
+                443
+            } else {
+                80
+            },
+            host_ignored: self.tls_authority.is_some(),
+        }
     }
 }
 
@@ -89,8 +112,8 @@ pub(crate) async fn request(
         .map_or("-", |s| s.spec().target.as_str());
 
     let result = forward(req, &target, route, &state, &upstream).await;
-    let resp = match result {
-        Ok(resp) => resp,
+    let (resp, error) = match result {
+        Ok(resp) => (resp, None),
         Err(e) => {
             match &e {
                 ProxyError::NoToken { .. } => state
@@ -103,8 +126,7 @@ pub(crate) async fn request(
                     .fetch_add(1, Ordering::Relaxed),
                 _ => 0,
             };
-            tracing::warn!(target: "impersonate_proxy::access", host = %target.host, path, error = %e, "request failed");
-            to_response_for(&e, grpc)
+            (to_response_for(&e, grpc), Some(e))
         }
     };
     let status = resp.status().as_u16();
@@ -114,21 +136,24 @@ pub(crate) async fn request(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    tracing::info!(
-        target: "impersonate_proxy::access",
-        client = %peer,
-        method = %method,
-        host = %target.host,
-        path,
-        route = route_name,
-        identity,
-        target_sa,
-        source = state.engine.source_principal(),
-        status,
-        bytes,
-        latency_us = started.elapsed().as_micros() as u64,
-        "request"
-    );
+    let latency_us = started.elapsed().as_micros() as u64;
+    let source = state.engine.source_principal();
+    // One access line per request; a refusal or failure says why, at warn.
+    match error {
+        None => tracing::info!(
+            target: "impersonate_proxy::access",
+            client = %peer, method = %method, host = %target.host, port = target.port, path,
+            route = route_name, identity, target_sa, source, status, bytes, latency_us,
+            "request"
+        ),
+        Some(e) => tracing::warn!(
+            target: "impersonate_proxy::access",
+            client = %peer, method = %method, host = %target.host, port = target.port, path,
+            route = route_name, identity, target_sa, source, status, bytes, latency_us,
+            reason = %e,
+            "request failed"
+        ),
+    }
     Ok(resp)
 }
 
@@ -140,6 +165,9 @@ async fn forward(
     upstream: &UpstreamClient,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    // The table in `headers.rs`, row by row: the authority first, since the route and the
+    // token belong to the connection's target.
+    headers::check_authority(&mut parts, &target.expected())?;
     if route.is_none()
         && state.routes.routes_host(&target.host)
         && state.config.unmatched == Unmatched::Deny
@@ -153,20 +181,31 @@ async fn forward(
     }
 
     // An HTTP/1.1 upgrade (WebSocket and the like) is the origin's to accept or refuse: the
-    // request keeps its Upgrade, and a 101 joins the two connections.
+    // HTTP/1.1 leg asks for it again, and a 101 joins the two connections.
     let upgrade = requested_upgrade(&parts.headers, parts.version);
     let client_upgrade = upgrade
         .as_ref()
         .and_then(|_| parts.extensions.remove::<hyper::upgrade::OnUpgrade>());
-    strip_hop_by_hop(&mut parts.headers);
-    if let Some(proto) = &upgrade {
-        parts.headers.insert(header::UPGRADE, proto.clone());
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::match_content_length(&mut parts.headers, body.size_hint().exact());
+    if let Some(proto) = upgrade {
+        parts.extensions.insert(headers::RequestedUpgrade(proto));
     }
+    let mut tls_upgrade = false;
     if let Some(route) = route {
         if let Some(slot) = &route.slot {
+            // A token never leaves in cleartext: a plain-http request that gets one goes
+            // upstream over TLS, or is refused.
+            if target.tls_authority.is_some() {
+                if state.config.plain_http == PlainHttp::Deny {
+                    return Err(ProxyError::Refused(format!(
+                        "route `{}` gives a token, and tokens are not sent over plain http \
+                         (plain_http: deny); use https://{}",
+                        route.name, target.host
+                    )));
+                }
+                tls_upgrade = true;
+            }
             let value = slot
                 .authorization()
                 .await
@@ -183,18 +222,11 @@ async fn forward(
         }
     }
 
-    parts.uri = upstream_uri(target, std::mem::take(&mut parts.uri))?;
+    parts.uri = upstream_uri(target, std::mem::take(&mut parts.uri), tls_upgrade)?;
     let client_version = parts.version;
     // The upstream leg negotiates its own version by ALPN; hyper's client speaks h2 on an h2
     // connection whatever this says, and HTTP/2 here would forbid falling back to HTTP/1.1.
     parts.version = Version::HTTP_11;
-    if !parts.headers.contains_key(header::HOST) {
-        // h2 clients send :authority, which an HTTP/1.1 origin needs as Host.
-        parts
-            .headers
-            .insert(header::HOST, target.host_header.clone());
-    }
-
     let timeout = state.config.upstream.response_timeout;
     // Whether the origin will send its own 100 decides how the body waits; for an origin no
     // connection has told about yet, a connect finds out (bounded like any connect).
@@ -242,7 +274,7 @@ async fn forward(
     };
     let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
     let accepted = resp.headers().get(header::UPGRADE).cloned();
-    strip_hop_by_hop(resp.headers_mut());
+    headers::response_from_origin(resp.headers_mut());
     if let (true, Some(client), Some(proto)) = (switching, client_upgrade, accepted) {
         resp.headers_mut().insert(header::UPGRADE, proto);
         resp.headers_mut()
@@ -285,12 +317,21 @@ async fn join_upgraded(
     }
 }
 
-/// The client's path and query on the connection's scheme and authority: the client's own
-/// authority (or `Host`) is never used.
-fn upstream_uri(target: &Target, incoming: Uri) -> Result<Uri, ProxyError> {
+/// The client's path and query on the connection's scheme and authority (or, for a plain-http
+/// request that carries a token, `https` on the host's 443): the client's own authority (or
+/// `Host`) is never used.
+fn upstream_uri(target: &Target, incoming: Uri, tls_upgrade: bool) -> Result<Uri, ProxyError> {
     let mut parts = incoming.into_parts();
-    parts.scheme = Some(target.scheme.clone());
-    parts.authority = Some(target.authority.clone());
+    match (&target.tls_authority, tls_upgrade) {
+        (Some(authority), true) => {
+            parts.scheme = Some(Scheme::HTTPS);
+            parts.authority = Some(authority.clone());
+        }
+        _ => {
+            parts.scheme = Some(target.scheme.clone());
+            parts.authority = Some(target.authority.clone());
+        }
+    }
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
@@ -298,145 +339,41 @@ fn upstream_uri(target: &Target, incoming: Uri) -> Result<Uri, ProxyError> {
         .map_err(|e| ProxyError::BadRequest(format!("cannot build the upstream URI: {e}")))
 }
 
-/// The hop-by-hop fields every message loses, whatever its `Connection` names.
-static FIXED_HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-];
-
-/// Remove hop-by-hop fields (RFC 9110 §7.6.1): those named by `Connection`, and the fixed set.
-/// `TE: trailers` survives, since gRPC needs it end to end.
-///
-/// Runs twice per request; most messages (every h2 one, where these fields are illegal) have
-/// none, and a pass over the names finds that without hashing each fixed name.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let mut te_is_trailers = true;
-    let mut found = false;
-    for (name, value) in headers.iter() {
-        if name == header::TE {
-            te_is_trailers &= value.as_bytes().eq_ignore_ascii_case(b"trailers");
-        } else if FIXED_HOP_BY_HOP.contains(name) {
-            found = true;
-            break;
-        }
-    }
-    if !found && te_is_trailers {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    let keeps_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
-    for name in &FIXED_HOP_BY_HOP {
-        headers.remove(name);
-    }
-    if keeps_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn hop_by_hop_fields_go_and_te_trailers_stays() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-custom"),
-        );
-        h.insert("x-custom", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.insert(
-            header::PROXY_AUTHORIZATION,
-            HeaderValue::from_static("Basic x"),
-        );
-        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        strip_hop_by_hop(&mut h);
-        let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
-        assert_eq!(h.get(header::TE).unwrap(), "trailers");
-        assert_eq!(h.len(), 2, "{names:?}");
-        assert!(h.contains_key(header::CONTENT_TYPE));
-    }
-
-    #[test]
-    fn messages_without_hop_by_hop_fields_keep_every_field() {
-        let mut h = HeaderMap::new();
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/grpc"),
-        );
-        h.append("x-many", HeaderValue::from_static("1"));
-        h.append("x-many", HeaderValue::from_static("2"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 4);
-        assert_eq!(h.get(header::TE).unwrap(), "trailers");
-        assert_eq!(h.get_all("x-many").iter().count(), 2);
-
-        // TE without trailers goes, alone or not.
-        let mut h = HeaderMap::new();
-        h.insert(header::TE, HeaderValue::from_static("gzip"));
-        strip_hop_by_hop(&mut h);
-        assert!(h.is_empty());
-
-        // A field named only by Connection goes with it.
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("x-hop"));
-        h.insert("x-hop", HeaderValue::from_static("1"));
-        h.insert("x-end", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-end"]);
-    }
-
-    #[test]
     fn upstream_uri_keeps_path_and_query_and_drops_default_port() {
-        // (connection target, the request's URI, what goes upstream); the connection's target
-        // decides, never the request's own authority.
-        for ((host, port, tls), incoming, expected) in [
+        // (connection target, the request's URI, whether a token sends it over TLS, what goes
+        // upstream); the connection's target decides, never the request's own authority.
+        for ((host, port, tls), incoming, upgrade, expected) in [
             (
                 ("storage.googleapis.com", 443, true),
                 "/b/x/o?alt=media",
+                false,
                 "https://storage.googleapis.com/b/x/o?alt=media",
             ),
-            (("h", 8443, true), "http://h:8443/p", "https://h:8443/p"),
+            (
+                ("h", 8443, true),
+                "http://h:8443/p",
+                false,
+                "https://h:8443/p",
+            ),
             (
                 ("h", 80, false),
                 "https://elsewhere.example:444",
+                false,
                 "http://h/",
             ),
+            // A token over plain http: TLS on the host's 443, whatever port the client named.
+            (("h", 80, false), "http://h/p?q", true, "https://h/p?q"),
+            (("h", 8080, false), "http://h:8080/p", true, "https://h/p"),
+            // The connection was TLS already: nothing to upgrade.
+            (("h", 443, true), "/p", true, "https://h/p"),
         ] {
             let t = Target::new(host.into(), port, tls).unwrap();
-            let u = upstream_uri(&t, incoming.parse().unwrap()).unwrap();
+            let u = upstream_uri(&t, incoming.parse().unwrap(), upgrade).unwrap();
             assert_eq!(u.to_string(), expected, "{incoming}");
         }
     }

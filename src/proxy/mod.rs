@@ -4,6 +4,8 @@
 //!   serves on one worker thread per core.
 //! - `connect.rs`: the client-facing HTTP/1.1 service: CONNECT, absolute-form, refusals.
 //! - `forward.rs`: one intercepted request: route, token, header rewrite, upstream, access log.
+//! - `headers.rs`: the header rules between the two legs (HTTP/1.1 and h2 either side), as one
+//!   table.
 //! - `upload.rs`: the request body on its way upstream: lingering after an early answer, and
 //!   the gate that makes `Expect: 100-continue` wait for an HTTP/1.1 origin's 100.
 //! - `upstream.rs`: the upstream client, its resolver, and the connector that notes each
@@ -14,6 +16,7 @@
 mod connect;
 pub mod error;
 mod forward;
+mod headers;
 mod multiplex;
 mod upload;
 pub mod upstream;
@@ -78,6 +81,8 @@ pub struct ProxyState {
     pub engine: Arc<TokenEngine>,
     /// Checked at start-up; each worker builds its own upstream client from it.
     upstream_tls: rustls::ClientConfig,
+    /// `upstream.resolve`, for the upstream clients and for blind tunnels alike.
+    pub(crate) overrides: Arc<upstream::Overrides>,
     /// What each origin negotiated, as the workers' upstream connectors find out.
     pub(crate) protocols: Arc<upstream::Protocols>,
     pub metrics: Metrics,
@@ -134,6 +139,7 @@ impl ProxyState {
             });
         }
         let upstream_tls = upstream::tls_config(&config.upstream)?;
+        let overrides = Arc::new(upstream::Overrides::from_config(&config.upstream));
         let connections = Arc::new(Semaphore::new(config.limits.max_connections));
         Ok(Arc::new(ProxyState {
             config,
@@ -142,6 +148,7 @@ impl ProxyState {
             ca,
             engine,
             upstream_tls,
+            overrides,
             protocols: Arc::default(),
             metrics: Metrics::default(),
             connections,
@@ -253,6 +260,7 @@ async fn accept_loop(
     let upstream = Arc::new(upstream::client(
         state.upstream_tls.clone(),
         &state.config.upstream,
+        state.overrides.clone(),
         state.protocols.clone(),
     ));
     loop {

@@ -24,7 +24,6 @@ use http::uri::Scheme;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::MaybeHttpsStream;
-use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -33,11 +32,12 @@ use rustls::pki_types::CertificateDer;
 use tower::Service;
 
 use super::error::ProxyError;
+use super::headers::{self, RequestedUpgrade};
 use super::multiplex::Multiplex;
 use super::upload::Upload;
 use crate::config::UpstreamConfig;
 
-type Tls = hyper_rustls::HttpsConnector<HttpConnector<Resolver>>;
+type Tls = hyper_rustls::HttpsConnector<Dialer>;
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A worker's upstream client: its own h2 connections to origins that speak h2, hyper-util's
@@ -52,7 +52,7 @@ impl UpstreamClient {
     /// Send `req`, whose URI is absolute, to its origin.
     pub async fn request(&self, req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
         if req.uri().scheme() != Some(&Scheme::HTTPS) {
-            return Ok(self.pooled.request(req).await?);
+            return self.send_pooled(req).await;
         }
         // The common case, kept small because this future is part of every request's task:
         // the origin's h2 connection is up.
@@ -106,8 +106,16 @@ impl UpstreamClient {
     async fn connect_and_send(&self, req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
         match self.multiplex.connect_and_send(req).await {
             Ok(sent) => sent,
-            Err(http1) => Ok(self.pooled.request(http1).await?),
+            Err(http1) => self.send_pooled(http1).await,
         }
+    }
+
+    /// The HTTP/1.1 leg (hyper-util's pool): the rows of the header table that only an
+    /// HTTP/1.1 origin needs, then the pool.
+    async fn send_pooled(&self, mut req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
+        let upgrade = req.extensions_mut().remove::<RequestedUpgrade>();
+        headers::for_http1(req.headers_mut(), upgrade.as_ref());
+        Ok(self.pooled.request(req).await?)
     }
 }
 
@@ -174,31 +182,69 @@ impl Service<http::Uri> for Connector {
     }
 }
 
-/// DNS with overrides. hyper's connector keeps the port we return when the URI names none, so
-/// `https://host/…` reaches the mapped `addr:port`.
-#[derive(Clone)]
-pub struct Resolver {
-    overrides: Arc<HashMap<String, SocketAddr>>,
-    gai: GaiResolver,
-}
+/// `upstream.resolve`: where a `host:port` connects instead of where DNS says, like curl's
+/// `--resolve`. Keyed by host and port, so `host:443` and `host:80` can differ; a port with no
+/// entry resolves normally.
+#[derive(Default)]
+pub struct Overrides(HashMap<(String, u16), SocketAddr>);
 
-impl Service<Name> for Resolver {
-    type Response = std::vec::IntoIter<SocketAddr>;
-    type Error = std::io::Error;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.gai.poll_ready(cx)
+impl Overrides {
+    pub fn from_config(cfg: &UpstreamConfig) -> Overrides {
+        // Keys were checked when the config loaded; one that does not split is skipped.
+        Overrides(
+            cfg.resolve
+                .iter()
+                .filter_map(|(k, v)| Some((crate::config::split_host_port(k)?, *v)))
+                .collect(),
+        )
     }
 
-    fn call(&mut self, name: Name) -> Self::Future {
-        if let Some(addr) = self.overrides.get(name.as_str()) {
-            let addr = *addr;
-            return Box::pin(async move { Ok(vec![addr].into_iter()) });
+    /// Where `host:port` connects, if the config says; `host` is lower-case.
+    pub fn get(&self, host: &str, port: u16) -> Option<SocketAddr> {
+        if self.0.is_empty() {
+            return None;
         }
-        let fut = self.gai.call(name);
-        Box::pin(async move { Ok(fut.await?.collect::<Vec<_>>().into_iter()) })
+        self.0.get(&(host.to_string(), port)).copied()
+    }
+}
+
+/// The TCP leg under TLS: an overridden `host:port` connects to its address (TLS above still
+/// verifies the host name from the URI), anything else through hyper-util's connector and DNS.
+#[derive(Clone)]
+pub struct Dialer {
+    overrides: Arc<Overrides>,
+    http: HttpConnector,
+}
+
+impl Service<http::Uri> for Dialer {
+    type Response = <HttpConnector as Service<http::Uri>>::Response;
+    type Error = <HttpConnector as Service<http::Uri>>::Error;
+    type Future = <HttpConnector as Service<http::Uri>>::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("http") => 80,
+            _ => 443,
+        });
+        let host = uri.host().unwrap_or_default().to_ascii_lowercase();
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        match self.overrides.get(host, port) {
+            // An IP literal: the connector parses it and asks no resolver.
+            Some(addr) => match http::Uri::builder()
+                .scheme("http")
+                .authority(addr.to_string())
+                .path_and_query("/")
+                .build()
+            {
+                Ok(to) => self.http.call(to),
+                Err(_) => self.http.call(uri),
+            },
+            None => self.http.call(uri),
+        }
     }
 }
 
@@ -246,30 +292,19 @@ pub fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, ProxyErr
 pub fn client(
     tls: rustls::ClientConfig,
     cfg: &UpstreamConfig,
+    overrides: Arc<Overrides>,
     protocols: Arc<Protocols>,
 ) -> UpstreamClient {
-    // `host:port` keys: the connector only sees the host, so the port is dropped here and the
-    // mapped address's own port is used.
-    let overrides = cfg
-        .resolve
-        .iter()
-        .map(|(k, v)| {
-            let host = k.rsplit_once(':').map_or(k.as_str(), |(h, _)| h);
-            (host.to_ascii_lowercase(), *v)
-        })
-        .collect();
-    let mut http = HttpConnector::new_with_resolver(Resolver {
-        overrides: Arc::new(overrides),
-        gai: GaiResolver::new(),
-    });
+    let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(cfg.connect_timeout));
+    let dialer = Dialer { overrides, http };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
         .enable_all_versions()
-        .wrap_connector(http);
+        .wrap_connector(dialer);
     let connector = Connector {
         tls: https,
         protocols: protocols.clone(),

@@ -143,6 +143,32 @@ impl From<&TokensConfig> for Settings {
     }
 }
 
+/// The client for the proxy's own calls to Google (IAM Credentials, OAuth2, STS, the
+/// metadata server). It never takes `HTTPS_PROXY`, `HTTP_PROXY` or `ALL_PROXY` from the
+/// proxy's environment: a shell that ran `eval "$(impersonate-proxy env)"` points those at the
+/// proxy itself. Only `outbound_proxy` in the config sends these calls through a proxy, and
+/// never those to the metadata server, which is link-local.
+fn outbound_client(config: &Config) -> Result<reqwest::Client, TokenError> {
+    let failed = |what: &str, e: reqwest::Error| TokenError::Source {
+        // reqwest's message for a bad proxy URL does not include the URL (and so no password).
+        message: format!("cannot build the HTTP client ({what}): {e}"),
+    };
+    let builder = reqwest::Client::builder()
+        .timeout(config.iam.timeout)
+        .connect_timeout(config.iam.timeout);
+    let builder = match &config.outbound_proxy {
+        None => builder.no_proxy(),
+        Some(url) => {
+            let direct = reqwest::NoProxy::from_string("169.254.169.254,metadata.google.internal");
+            let proxy = reqwest::Proxy::all(url.as_str())
+                .map_err(|e| failed("outbound_proxy", e))?
+                .no_proxy(direct);
+            builder.proxy(proxy)
+        }
+    };
+    builder.build().map_err(|e| failed("build", e))
+}
+
 pub struct TokenEngine {
     minter: Arc<dyn Mint>,
     settings: Settings,
@@ -154,13 +180,7 @@ pub struct TokenEngine {
 impl TokenEngine {
     /// Build the source credential and IAM client from config. No network call.
     pub async fn from_config(config: &Config) -> Result<Arc<TokenEngine>, TokenError> {
-        let http = reqwest::Client::builder()
-            .timeout(config.iam.timeout)
-            .connect_timeout(config.iam.timeout)
-            .build()
-            .map_err(|e| TokenError::Source {
-                message: format!("cannot build the HTTP client: {e}"),
-            })?;
+        let http = outbound_client(config)?;
         let source = source::Source::from_config(&config.source, http.clone())?;
         let principal = source.principal().to_string();
         let minter = GoogleMinter {
