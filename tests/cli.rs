@@ -184,3 +184,83 @@ async fn the_demo_runs_offline_and_shows_each_identity() {
         assert!(t.contains(want), "missing {want:?} in:\n{t}");
     }
 }
+
+/// The proxy's own calls to Google (here the OAuth2 refresh and generateAccessToken, made by
+/// `token`) ignore `HTTPS_PROXY`, `HTTP_PROXY` and `ALL_PROXY` in its environment: a shell
+/// that ran `eval "$(impersonate-proxy env)"` points them at the proxy itself. Only
+/// `outbound_proxy` in the config sends them through a proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_calls_to_google_ignore_the_proxy_environment() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    let sb = common::sandbox().await;
+    // A proxy that counts who came and serves nobody.
+    let trap = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let trap_url = format!("http://{}", trap.local_addr().unwrap());
+    let came = Arc::new(AtomicU64::new(0));
+    let counted = came.clone();
+    let trap_task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = trap.accept().await {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let _ = s
+                .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let config = |extra: &str| {
+        let path = sb.dir.join(format!("token-{}.yaml", extra.len()));
+        std::fs::write(
+            &path,
+            format!(
+                "source: {{ file: {dir}/adc.json }}\niam: {{ endpoint: \"{iam}\" }}\nidentities:\n  dev: {{ service_account: {sa} }}\n{extra}",
+                dir = sb.dir.display(),
+                iam = sb.emulator.url(),
+                sa = common::DEV,
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let token = |path: std::path::PathBuf| {
+        let mut cmd = tokio::process::Command::new(BIN);
+        cmd.args(["token", "dev", "--config"])
+            .arg(path)
+            .env("RUST_LOG", "warn")
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy");
+        for var in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            cmd.env(var, &trap_url);
+        }
+        cmd
+    };
+    let o = token(config("")).output().await.unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let minted = String::from_utf8(o.stdout.clone()).unwrap();
+    assert_eq!(
+        sb.emulator.token_info(minted.trim()).unwrap().principal,
+        common::DEV
+    );
+    assert_eq!(
+        came.load(Ordering::Relaxed),
+        0,
+        "nothing went to the env's proxy"
+    );
+
+    // Named in the config, the outbound proxy is used (and here fails the mint).
+    let o = token(config(&format!("outbound_proxy: \"{trap_url}\"\n")))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(came.load(Ordering::Relaxed) >= 1);
+    trap_task.abort();
+    sb.shutdown().await;
+}

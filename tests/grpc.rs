@@ -521,39 +521,7 @@ async fn a_long_stream_outlives_token_refreshes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_grpcio_through_the_proxy() {
     use prost::Message;
-    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv-grpc");
-    let python = venv.join("bin/python");
-    let ready = tokio::process::Command::new(&python)
-        .args(["-c", "import grpc"])
-        .status()
-        .await
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ready {
-        let ok = tokio::process::Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .await
-            .unwrap();
-        assert!(ok.success(), "python3 -m venv failed");
-        let out = tokio::process::Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "grpcio",
-            ])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pip install grpcio: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let python = common::python_venv("pyenv-grpc", "grpc", &["grpcio"]).await;
     let (sb, seen) = grpc_sandbox(POLICY).await;
     let script = r#"
 import os, sys, grpc

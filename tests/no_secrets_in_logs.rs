@@ -6,31 +6,9 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_logs() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    tracing_subscriber::fmt()
-        .with_env_filter("impersonate_proxy=trace,info")
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .init();
+    let capture = common::Capture::install("impersonate_proxy=trace,info");
 
     let sb = common::sandbox().await;
     let client = sb.client().unwrap();
@@ -56,7 +34,7 @@ async fn no_secret_reaches_the_logs() {
     assert!(tokens.len() >= 3, "traffic reached the origin with tokens");
     sb.shutdown().await;
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.contains("impersonate_proxy::access"),
         "the access log was captured"

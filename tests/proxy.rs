@@ -611,48 +611,14 @@ async fn upgrade_origin() -> (std::net::SocketAddr, String) {
 async fn upgrade_requests_behave_as_the_origin_decides() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (sb, ca_file) = http1_origin_sandbox().await;
-    let pem = std::fs::read(sb.ca_path()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    use rustls::pki_types::pem::PemObject;
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-
-    async fn head(io: &mut (impl AsyncReadExt + Unpin)) -> String {
-        let mut got = Vec::new();
-        let mut b = [0u8; 1];
-        while !got.ends_with(b"\r\n\r\n") {
-            if io.read(&mut b).await.unwrap() == 0 {
-                break;
-            }
-            got.push(b[0]);
-        }
-        String::from_utf8_lossy(&got).into_owned()
-    }
-
     for (proto, expect_switch) in [("echo", true), ("teapot", false)] {
-        let mut tcp = tokio::net::TcpStream::connect(sb.server.proxy_addr())
-            .await
-            .unwrap();
-        tcp.write_all(
-            b"CONNECT ws.googleapis.com:443 HTTP/1.1\r\nHost: ws.googleapis.com:443\r\n\r\n",
-        )
-        .await
-        .unwrap();
-        assert!(head(&mut tcp).await.starts_with("HTTP/1.1 200"));
-        let name = rustls::pki_types::ServerName::try_from("ws.googleapis.com").unwrap();
-        let mut tls = connector.connect(name, tcp).await.unwrap();
+        let mut tls = tls_via_proxy(&sb, "ws.googleapis.com", &[b"http/1.1"]).await;
         tls.write_all(
             format!("GET /stream HTTP/1.1\r\nHost: ws.googleapis.com\r\nConnection: Upgrade\r\nUpgrade: {proto}\r\n\r\n").as_bytes(),
         )
         .await
         .unwrap();
-        let h = head(&mut tls).await;
+        let h = read_head(&mut tls).await;
         if expect_switch {
             assert!(h.starts_with("HTTP/1.1 101"), "{h}");
             assert!(h.to_ascii_lowercase().contains("upgrade: echo"), "{h}");

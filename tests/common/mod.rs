@@ -1,7 +1,10 @@
 //! Test support: the sandbox (emulator + TLS origin + proxy) on port 0, clients, raw sockets.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod nginx;
+
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use impersonate_proxy::config::Config;
@@ -78,4 +81,121 @@ pub fn peak_rss_kib() -> u64 {
 
 pub async fn json(resp: reqwest::Response) -> serde_json::Value {
     resp.json().await.expect("JSON body")
+}
+
+/// The python of a venv under `target/NAME` that can `import` each of `modules`, made (and the
+/// `packages` installed from PyPI) on first use, so a plain `cargo test` on a fresh machine
+/// sets it up once.
+pub async fn python_venv(name: &str, modules: &str, packages: &[&str]) -> PathBuf {
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(name);
+    let python = venv.join("bin/python");
+    let ready = tokio::process::Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ready {
+        let ok = tokio::process::Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()
+            .await
+            .unwrap();
+        assert!(ok.success(), "python3 -m venv failed");
+        let out = tokio::process::Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(packages)
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pip install {packages:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    python
+}
+
+/// A TLS session with the proxy's interception of `host:443`, as a client sees it: CONNECT,
+/// then TLS trusting only the proxy's CA, offering `alpn`. For requests no ordinary client
+/// would send.
+pub async fn tls_via_proxy(
+    sb: &Sandbox,
+    host: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let pem = std::fs::read(sb.ca_path()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let mut tcp = tokio::net::TcpStream::connect(sb.server.proxy_addr())
+        .await
+        .unwrap();
+    tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_head(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Read an HTTP/1.1 head, byte by byte, up to and including its blank line.
+pub async fn read_head(io: &mut (impl AsyncReadExt + Unpin)) -> String {
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        if io.read(&mut b).await.unwrap() == 0 {
+            break;
+        }
+        got.push(b[0]);
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Every log line the process writes, kept for a test to read. One per test binary: it
+/// installs the process-wide subscriber.
+#[derive(Clone, Default)]
+pub struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Capture {
+    /// Install a subscriber with `filter` (an `EnvFilter` directive) writing here.
+    pub fn install(filter: &str) -> Capture {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .init();
+        capture
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

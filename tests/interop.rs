@@ -1,0 +1,592 @@
+//! The interop tier: programs nobody here wrote on both sides of the proxy. Debian's nginx is
+//! the origin, offering h2 and HTTP/1.1 or HTTP/1.1 only; curl (over HTTP/1.1 and h2) and
+//! reqwest are the clients; a Python grpcio server is the gRPC origin. Our own origin accepts
+//! whatever it is sent, so what counts is what nginx and grpcio make of the proxy's requests:
+//! nginx's view of each one (its access log) must show exactly one authority, the route's
+//! token and no hop-by-hop field.
+//!
+//! `.ci/run` installs nginx; the grpcio venv is made under `target/` on first use.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::nginx::{self, Nginx};
+use common::*;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt;
+
+const HOST: &str = "storage.googleapis.com";
+const NAMES: &[&str] = &["storage.googleapis.com", "*.googleapis.com"];
+
+/// The sandbox's proxy (emulator, routes, CA) with `storage.googleapis.com:443` at nginx.
+async fn sandbox_for(nginx: &Nginx) -> Sandbox {
+    let (addr, ca) = (nginx.addr, nginx.ca_file.clone());
+    sandbox_with(move |c| {
+        c.upstream.resolve.insert(format!("{HOST}:443"), addr);
+        c.upstream.extra_roots.push(ca);
+    })
+    .await
+}
+
+fn url(path: &str) -> String {
+    format!("https://{HOST}{path}")
+}
+
+/// curl's output as text, with its exit status checked.
+async fn curl_ok(sb: &Sandbox, args: &[&str]) -> String {
+    let out = curl(sb, args).await;
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Every request in nginx's log, checked against the rules: nginx accepted it (it answers two
+/// authorities, or a connection-specific field on h2, with 400), it names the route's host
+/// once, it carries the `dev` route's token (as the emulator says), and no hop-by-hop field
+/// reached it. `Transfer-Encoding: chunked` is allowed only as the framing of an HTTP/1.1 leg
+/// carrying a body of unknown length. Returns the log.
+async fn assert_nginx_saw_clean_requests(sb: &Sandbox, nginx: &Nginx, min: usize) -> Vec<Value> {
+    let seen = nginx.seen_at_least(min).await;
+    assert!(seen.len() >= min, "nginx saw {} requests", seen.len());
+    for s in &seen {
+        let line = s.to_string();
+        assert_ne!(
+            s["status"],
+            "400",
+            "nginx refused it: {line}\n{}",
+            nginx.error_log()
+        );
+        assert_eq!(s["host"], HOST, "{line}");
+        let token = s["authorization"]
+            .as_str()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .unwrap_or_else(|| panic!("no bearer token: {line}"));
+        let info = sb.emulator.token_info(token).expect("an emulator token");
+        assert_eq!(info.principal, DEV, "{line}");
+        for field in [
+            "connection",
+            "keep_alive",
+            "proxy_connection",
+            "proxy_authorization",
+            "upgrade",
+        ] {
+            assert_eq!(s[field], "", "{field} reached nginx: {line}");
+        }
+        assert!(s["te"] == "" || s["te"] == "trailers", "{line}");
+        match s["transfer_encoding"].as_str() {
+            Some("") => {}
+            Some("chunked") => {
+                assert_eq!(s["protocol"], "HTTP/1.1", "{line}");
+                assert_eq!(s["content_length"], "", "{line}");
+            }
+            other => panic!("transfer-encoding {other:?}: {line}"),
+        }
+    }
+    seen
+}
+
+/// The header lines the backend behind nginx received (duplicates kept).
+fn backend_headers(v: &Value, name: &str) -> Vec<String> {
+    v["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h[0] == name)
+        .map(|h| h[1].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn headers_follow_the_rules(h2_origin: bool) {
+    let nginx = Nginx::start(h2_origin, NAMES).await;
+    let sb = sandbox_for(&nginx).await;
+
+    // curl over HTTP/1.1, with every kind of field the table names.
+    let body = curl_ok(
+        &sb,
+        &[
+            "--http1.1",
+            "-H",
+            "Authorization: Bearer client-junk",
+            "-H",
+            "Connection: x-drop",
+            "-H",
+            "X-Drop: 1",
+            "-H",
+            "Keep-Alive: timeout=5",
+            "-H",
+            "Proxy-Connection: keep-alive",
+            "-H",
+            "Proxy-Authorization: Basic c2VjcmV0OnNlY3JldA==",
+            "-H",
+            "TE: trailers",
+            "-H",
+            "Cookie: a=1",
+            "-H",
+            "X-End: kept",
+            &url("/echo/h1"),
+        ],
+    )
+    .await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(backend_headers(&v, "x-end"), ["kept"]);
+    assert!(backend_headers(&v, "x-drop").is_empty(), "{body}");
+    assert_eq!(backend_headers(&v, "cookie"), ["a=1"]);
+
+    // curl over h2.
+    let body = curl_ok(
+        &sb,
+        &[
+            "--http2",
+            "-H",
+            "Authorization: Bearer client-junk",
+            "-H",
+            "X-End: kept",
+            &url("/echo/h2"),
+        ],
+    )
+    .await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(backend_headers(&v, "x-end"), ["kept"]);
+
+    // reqwest, h2 by ALPN, with a cookie split over two fields as h2 allows: nginx's HTTP/1.1
+    // leg to its backend gets one field, joined with "; ", whichever leg the proxy spoke.
+    let resp = sb
+        .client()
+        .unwrap()
+        .get(url("/echo/cookies"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .bearer_auth("client-junk")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(backend_headers(&v, "cookie"), ["a=1; b=2"], "{v}");
+
+    let seen = assert_nginx_saw_clean_requests(&sb, &nginx, 3).await;
+    let protocol = if h2_origin { "HTTP/2.0" } else { "HTTP/1.1" };
+    assert!(seen.iter().all(|s| s["protocol"] == protocol), "{seen:?}");
+
+    // A Host naming another authority never reaches nginx with the token: 421. Two Host
+    // fields: 400 (RFC 9112 §3.2).
+    let before = nginx.seen().len();
+    let out = curl_ok(
+        &sb,
+        &[
+            "--http1.1",
+            "-w",
+            "%{http_code}",
+            "-o",
+            "/dev/null",
+            "-H",
+            "Host: evil.example.com",
+            &url("/echo/spoof"),
+        ],
+    )
+    .await;
+    assert_eq!(out, "421");
+    let mut tls = tls_via_proxy(&sb, HOST, &[b"http/1.1"]).await;
+    tls.write_all(
+        format!("GET /echo/two HTTP/1.1\r\nHost: {HOST}\r\nHost: {HOST}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut tls).await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    // A request after them is the next line nginx writes: neither of them reached it.
+    curl_ok(&sb, &["--http1.1", "-o", "/dev/null", &url("/echo/after")]).await;
+    let seen = nginx.seen_at_least(before + 1).await;
+    assert_eq!(seen.len(), before + 1, "neither reached nginx");
+    assert_eq!(seen[before]["uri"], "/echo/after");
+
+    sb.shutdown().await;
+    nginx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_follow_the_rules_to_an_h2_nginx() {
+    headers_follow_the_rules(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_follow_the_rules_to_an_http1_nginx() {
+    headers_follow_the_rules(false).await;
+}
+
+const BIG: usize = 100 * 1024 * 1024;
+
+async fn bodies_ranges_and_bodiless_answers(h2_origin: bool) {
+    let nginx = Nginx::start(h2_origin, NAMES).await;
+    let sb = sandbox_for(&nginx).await;
+    let big = nginx::payload(BIG);
+    let digest = nginx::sha256(&big);
+    nginx.serve_file("big.bin", &big);
+    let upload = sb.dir.join("upload.bin");
+    std::fs::write(&upload, &big).unwrap();
+    let upload = upload.to_str().unwrap().to_string();
+    let small = sb.dir.join("chunked.bin");
+    std::fs::write(&small, &big[..8 * 1024 * 1024]).unwrap();
+    let small = small.to_str().unwrap().to_string();
+    let download = sb.dir.join("download.bin");
+    let download = download.to_str().unwrap().to_string();
+
+    for version in ["--http1.1", "--http2"] {
+        // 100 MiB up, with Expect: 100-continue, compared by nginx's backend.
+        let body = curl_ok(
+            &sb,
+            &[
+                version,
+                "--max-time",
+                "120",
+                "-H",
+                "Expect: 100-continue",
+                "-T",
+                &upload,
+                &url("/echo/upload"),
+            ],
+        )
+        .await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["body_len"], BIG as u64, "{version}");
+        assert_eq!(v["body_sha256"], digest.as_str(), "{version}");
+
+        // 100 MiB down from nginx's static files, bytes compared.
+        let _ = std::fs::remove_file(&download);
+        let code = curl_ok(
+            &sb,
+            &[
+                version,
+                "--max-time",
+                "120",
+                "-w",
+                "%{http_code}",
+                "-o",
+                &download,
+                &url("/files/big.bin"),
+            ],
+        )
+        .await;
+        assert_eq!(code, "200");
+        assert_eq!(
+            nginx::sha256(&std::fs::read(&download).unwrap()),
+            digest,
+            "{version}"
+        );
+
+        // Ranged GETs: a middle slice and a suffix.
+        for (range, slice) in [("1000-1999", &big[1000..2000]), ("-500", &big[BIG - 500..])] {
+            let out = curl(
+                &sb,
+                &[
+                    version,
+                    "-r",
+                    range,
+                    "-o",
+                    &download,
+                    "-w",
+                    "%{http_code}",
+                    &url("/files/big.bin"),
+                ],
+            )
+            .await;
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "206", "{range}");
+            assert_eq!(std::fs::read(&download).unwrap(), slice, "{range}");
+        }
+
+        // HEAD: the length of what a GET would send, and no body.
+        let head = curl_ok(&sb, &[version, "-sI", &url("/files/big.bin")]).await;
+        let lower = head.to_ascii_lowercase();
+        assert!(lower.contains(&format!("content-length: {BIG}")), "{head}");
+        let etag = head
+            .lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("etag"))
+            })
+            .map(|(_, v)| v.trim().to_string())
+            .expect("nginx sends an ETag");
+
+        // 304 for a matching ETag, 204 from nginx's `return 204`.
+        let code = curl_ok(
+            &sb,
+            &[
+                version,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                &format!("If-None-Match: {etag}"),
+                &url("/files/big.bin"),
+            ],
+        )
+        .await;
+        assert_eq!(code, "304", "{version}");
+        let code = curl_ok(
+            &sb,
+            &[
+                version,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &url("/empty"),
+            ],
+        )
+        .await;
+        assert_eq!(code, "204", "{version}");
+    }
+
+    // A chunked upload (HTTP/1.1; its length is not known in advance).
+    let body = curl_ok(
+        &sb,
+        &[
+            "--http1.1",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{small}"),
+            &url("/echo/chunked"),
+        ],
+    )
+    .await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["body_len"], 8 * 1024 * 1024);
+    assert_eq!(
+        v["body_sha256"],
+        nginx::sha256(&big[..8 * 1024 * 1024]).as_str()
+    );
+
+    let seen = assert_nginx_saw_clean_requests(&sb, &nginx, 15).await;
+    let chunked = seen.iter().find(|s| s["uri"] == "/echo/chunked").unwrap();
+    assert_eq!(chunked["content_length"], "", "{chunked}");
+    sb.shutdown().await;
+    nginx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_ranges_and_bodiless_answers_with_an_h2_nginx() {
+    bodies_ranges_and_bodiless_answers(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_ranges_and_bodiless_answers_with_an_http1_nginx() {
+    bodies_ranges_and_bodiless_answers(false).await;
+}
+
+async fn five_hundred_requests_on_one_connection(h2_origin: bool) {
+    let nginx = Nginx::start(h2_origin, NAMES).await;
+    let sb = sandbox_for(&nginx).await;
+    nginx.serve_file("small.txt", b"keep-alive\n");
+    for version in ["--http1.1", "--http2"] {
+        let before = sb
+            .server
+            .state()
+            .metrics
+            .connections_total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let logged = nginx.seen().len();
+        let mut args = vec![
+            version.to_string(),
+            "-w".into(),
+            "%{http_code} %{num_connects}\n".into(),
+        ];
+        // `-o` applies to one URL: each gets its own.
+        for _ in 0..500 {
+            args.extend(["-o".into(), "/dev/null".into(), url("/files/small.txt")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = curl_ok(&sb, &args).await;
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 500);
+        assert!(lines.iter().all(|l| l.starts_with("200 ")), "{out}");
+        let connects: u32 = lines.iter().map(|l| l[4..].parse::<u32>().unwrap()).sum();
+        assert_eq!(connects, 1, "curl opened one connection to the proxy");
+        let after = sb
+            .server
+            .state()
+            .metrics
+            .connections_total
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(after - before, 1, "{version}: one client connection");
+        let seen = nginx.seen_at_least(logged + 500).await;
+        let these = &seen[logged..];
+        assert_eq!(
+            these.len(),
+            500,
+            "{version}: logged before {logged}, now {}",
+            seen.len()
+        );
+        let conns: std::collections::BTreeSet<&str> =
+            these.iter().map(|s| s["conn"].as_str().unwrap()).collect();
+        assert_eq!(
+            conns.len(),
+            1,
+            "{version}: the proxy kept one upstream connection"
+        );
+    }
+    assert_nginx_saw_clean_requests(&sb, &nginx, 1000).await;
+    sb.shutdown().await;
+    nginx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_requests_on_one_connection_to_an_h2_nginx() {
+    five_hundred_requests_on_one_connection(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_requests_on_one_connection_to_an_http1_nginx() {
+    five_hundred_requests_on_one_connection(false).await;
+}
+
+/// A gRPC origin that is not hyper: Python grpcio, with a generic handler (no generated
+/// code). Each answer says which `authorization` the server saw.
+const GRPC_SERVER: &str = r#"
+import sys, grpc
+from concurrent import futures
+
+def unary(request, context):
+    auth = dict(context.invocation_metadata()).get("authorization", "")
+    if request == b"fail":
+        context.set_trailing_metadata((("x-why", "asked-to-fail"),))
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such topic: fail")
+    context.set_trailing_metadata((("x-trailer", "unary-done"),))
+    return auth.encode() + b"|" + request
+
+def stream(requests, context):
+    auth = dict(context.invocation_metadata()).get("authorization", "")
+    for r in requests:
+        yield auth.encode() + b"|" + r
+    context.set_trailing_metadata((("x-trailer", "stream-done"),))
+
+handler = grpc.method_handlers_generic_handler("test.Echo", {
+    "Unary": grpc.unary_unary_rpc_method_handler(unary),
+    "Stream": grpc.stream_stream_rpc_method_handler(stream),
+})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((handler,))
+creds = grpc.ssl_server_credentials(((open(sys.argv[2], "rb").read(), open(sys.argv[1], "rb").read()),))
+port = server.add_secure_port("127.0.0.1:0", creds)
+server.start()
+print(port, flush=True)
+server.wait_for_termination()
+"#;
+
+/// The client side, also grpcio, through `https_proxy`: a unary call, a bidi stream, and a
+/// call the server fails; prints what came back, trailers included.
+const GRPC_CLIENT: &str = r#"
+import json, grpc
+channel = grpc.secure_channel("pubsub.googleapis.com:443", grpc.ssl_channel_credentials())
+md = (("authorization", "Bearer client-junk"),)
+unary = channel.unary_unary("/test.Echo/Unary")
+reply, call = unary.with_call(b"hello", metadata=md, timeout=20)
+out = {"unary": reply.decode(), "unary_trailers": dict(call.trailing_metadata())}
+stream = channel.stream_stream("/test.Echo/Stream")
+replies = stream(iter([b"one", b"two", b"three"]), metadata=md, timeout=20)
+out["stream"] = [r.decode() for r in replies]
+out["stream_trailers"] = dict(replies.trailing_metadata())
+try:
+    unary(b"fail", metadata=md, timeout=20)
+    out["fail"] = "no error"
+except grpc.RpcError as e:
+    out["fail"] = [e.code().name, e.details(), dict(e.trailing_metadata())]
+print(json.dumps(out))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpcio_server_behind_the_proxy_gets_unary_streaming_and_errors_intact() {
+    use tokio::io::AsyncBufReadExt;
+    let python = python_venv("pyenv-grpc", "grpc", &["grpcio"]).await;
+    let certs = impersonate_proxy::origin::test_certificates(&["pubsub.googleapis.com"]).unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "ip-grpcio-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, pem) in [
+        ("chain.pem", &certs.chain_pem),
+        ("key.pem", &certs.key_pem),
+        ("ca.pem", &certs.ca_pem),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    let mut server = tokio::process::Command::new(&python)
+        .args(["-c", GRPC_SERVER])
+        .arg(dir.join("chain.pem"))
+        .arg(dir.join("key.pem"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let port: u16 = lines
+        .next_line()
+        .await
+        .unwrap()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let ca = dir.join("ca.pem");
+    let sb = sandbox_with(|c| {
+        c.upstream
+            .resolve
+            .insert("pubsub.googleapis.com:443".into(), addr);
+        c.upstream.extra_roots.push(ca);
+    })
+    .await;
+    let proxy_ca = sb.ca_path();
+    let out = tokio::process::Command::new(&python)
+        .args(["-c", GRPC_CLIENT])
+        .env("https_proxy", sb.proxy_url())
+        .env("grpc_proxy", sb.proxy_url())
+        .env_remove("no_proxy")
+        .env_remove("NO_PROXY")
+        .env("GRPC_DEFAULT_SSL_ROOTS_FILE_PATH", &proxy_ca)
+        .env("SSL_CERT_FILE", &proxy_ca)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "grpcio client: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token_of = |s: &str| {
+        let (auth, rest) = s.split_once('|').unwrap();
+        let token = auth.strip_prefix("Bearer ").unwrap().to_string();
+        (token, rest.to_string())
+    };
+    let (token, echoed) = token_of(v["unary"].as_str().unwrap());
+    assert_eq!(echoed, "hello");
+    assert_eq!(sb.emulator.token_info(&token).unwrap().principal, DEV);
+    assert_eq!(v["unary_trailers"]["x-trailer"], "unary-done");
+    let stream: Vec<(String, String)> = v["stream"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| token_of(s.as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        stream.iter().map(|(_, m)| m.as_str()).collect::<Vec<_>>(),
+        ["one", "two", "three"]
+    );
+    assert!(stream.iter().all(|(t, _)| *t == token));
+    assert_eq!(v["stream_trailers"]["x-trailer"], "stream-done");
+    assert_eq!(v["fail"][0], "NOT_FOUND");
+    assert_eq!(v["fail"][1], "no such topic: fail");
+    assert_eq!(v["fail"][2]["x-why"], "asked-to-fail");
+
+    sb.shutdown().await;
+    let _ = server.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
