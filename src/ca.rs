@@ -256,43 +256,6 @@ impl CertificateAuthority {
     }
 }
 
-/// Shell `export` lines that point every common client at the proxy and make it trust the CA.
-pub fn env_lines(ca_path: &Path, bundle_path: &Path, proxy_url: &str) -> String {
-    let ca = ca_path.display();
-    let bundle = bundle_path.display();
-    let mut s = String::new();
-    let _ = writeln!(s, "export HTTPS_PROXY={proxy_url}");
-    let _ = writeln!(s, "export https_proxy={proxy_url}");
-    let _ = writeln!(
-        s,
-        "# These replace a client's trust store, so they get the merged bundle:"
-    );
-    for var in [
-        "SSL_CERT_FILE",
-        "REQUESTS_CA_BUNDLE",
-        "CURL_CA_BUNDLE",
-        "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH",
-        "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE",
-    ] {
-        let _ = writeln!(s, "export {var}={bundle}");
-    }
-    let _ = writeln!(s, "# Node adds this to its built-in roots:");
-    let _ = writeln!(s, "export NODE_EXTRA_CA_CERTS={ca}");
-    let _ = writeln!(
-        s,
-        "# Java: import the CA into a keystore the JVM is told to use:"
-    );
-    let _ = writeln!(
-        s,
-        "# keytool -importcert -noprompt -alias impersonate-proxy -file {ca} -keystore proxy.jks -storepass changeit"
-    );
-    let _ = writeln!(
-        s,
-        "# export JAVA_TOOL_OPTIONS=\"-Djavax.net.ssl.trustStore=$PWD/proxy.jks -Djavax.net.ssl.trustStorePassword=changeit -Dhttps.proxyHost=HOST -Dhttps.proxyPort=PORT\""
-    );
-    s
-}
-
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
@@ -470,27 +433,6 @@ mod tests {
             assert!(ca.server_config(bad).is_err(), "{bad:?}");
         }
         std::fs::remove_dir_all(dir).unwrap();
-    }
-
-    #[test]
-    fn env_lines_cover_every_client() {
-        let s = env_lines(
-            Path::new("/c/ca.pem"),
-            Path::new("/c/bundle.pem"),
-            "http://127.0.0.1:8080",
-        );
-        for var in [
-            "HTTPS_PROXY=http://127.0.0.1:8080",
-            "SSL_CERT_FILE=/c/bundle.pem",
-            "REQUESTS_CA_BUNDLE=/c/bundle.pem",
-            "CURL_CA_BUNDLE=/c/bundle.pem",
-            "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=/c/bundle.pem",
-            "CLOUDSDK_CORE_CUSTOM_CA_CERTS_FILE=/c/bundle.pem",
-            "NODE_EXTRA_CA_CERTS=/c/ca.pem",
-            "keytool -importcert",
-        ] {
-            assert!(s.contains(var), "missing {var}:\n{s}");
-        }
     }
 
     #[test]

@@ -181,19 +181,19 @@ pub fn ca_init(config_path: &Path, force: bool) -> Result<(), CliError> {
 }
 
 /// `env`: export lines for every kind of client, with a merged bundle next to the CA.
-pub fn env(config_path: &Path) -> Result<(), CliError> {
+pub fn env(config_path: &Path, format: crate::onboard::Format) -> Result<(), CliError> {
+    use crate::onboard;
     let config = Config::load(config_path)?;
     let ca = CertificateAuthority::load_or_create(&config.ca)?;
-    let bundle = config.ca.cert.with_file_name("bundle.pem");
-    ca.write_bundle(&bundle)?;
     let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let files = onboard::Files::beside(&abs(&config.ca.cert));
+    ca.write_bundle(&files.bundle)?;
+    std::fs::write(&files.boto, onboard::boto(&config, &files))
+        .map_err(|e| CliError::Other(format!("{}: {e}", files.boto.display())))?;
+    let java = onboard::write_truststore(&files);
     print!(
         "{}",
-        crate::ca::env_lines(
-            &abs(&config.ca.cert),
-            &abs(&bundle),
-            &format!("http://{}", config.listen)
-        )
+        onboard::render(&onboard::lines(&config, &files, &java), format)
     );
     Ok(())
 }

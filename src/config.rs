@@ -69,6 +69,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub limits: LimitsConfig,
     pub tokens: TokensConfig,
+    /// What Google's client libraries need to run unchanged through the proxy.
+    pub facade: FacadeConfig,
 }
 
 impl Default for Config {
@@ -89,6 +91,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             limits: LimitsConfig::default(),
             tokens: TokensConfig::default(),
+            facade: FacadeConfig::default(),
         }
     }
 }
@@ -332,6 +335,56 @@ impl Default for TokensConfig {
     }
 }
 
+/// Google's client libraries look for a credential before their first request (a key file,
+/// gcloud's file, then the metadata server) and stop if there is none. The facade gives them
+/// one; the proxy then puts the route's real token on the wire.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FacadeConfig {
+    /// A GCE metadata-server facade for `GCE_METADATA_HOST`; off unless configured.
+    pub metadata: Option<MetadataFacadeConfig>,
+    /// Answer `POST https://oauth2.googleapis.com/token` (and the older
+    /// `www.googleapis.com/oauth2/v4/token`) through the proxy with a placeholder token, so a
+    /// client holding a placeholder key or `authorized_user` file never sends its credential
+    /// to Google.
+    pub token_endpoint: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetadataFacadeConfig {
+    /// Loopback by default: it hands out tokens to whoever asks.
+    #[serde(default = "default_metadata_listen")]
+    pub listen: SocketAddr,
+    /// The configured identity behind `service-accounts/default`.
+    pub identity: String,
+    /// `project/project-id`; clients use it as their default project.
+    pub project_id: String,
+    /// `project/numeric-project-id`.
+    #[serde(default = "default_numeric_project_id")]
+    pub numeric_project_id: String,
+    /// `placeholder`: tokens the proxy replaces on the wire (the default); `real`: the
+    /// identity's real tokens, for clients that also call hosts no route names.
+    #[serde(default)]
+    pub tokens: FacadeTokens,
+}
+
+fn default_metadata_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8181))
+}
+
+fn default_numeric_project_id() -> String {
+    "0".into()
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FacadeTokens {
+    #[default]
+    Placeholder,
+    Real,
+}
+
 impl Config {
     /// Parse and validate; `file` only names the source in errors.
     pub fn from_yaml(yaml: &str, file: &str) -> Result<Config, ConfigError> {
@@ -459,6 +512,34 @@ impl Config {
                 return Err(invalid(
                     "outbound_proxy".into(),
                     "expected an http:// or https:// proxy URL".into(),
+                ));
+            }
+        }
+        if let Some(m) = &self.facade.metadata {
+            if !self.identities.contains_key(&m.identity) {
+                return Err(invalid(
+                    "facade.metadata.identity".into(),
+                    format!("unknown identity `{}` (not under `identities`)", m.identity),
+                ));
+            }
+            if m.project_id.is_empty() {
+                return Err(invalid(
+                    "facade.metadata.project_id".into(),
+                    "must not be empty".into(),
+                ));
+            }
+            if m.numeric_project_id.is_empty()
+                || !m.numeric_project_id.bytes().all(|b| b.is_ascii_digit())
+            {
+                return Err(invalid(
+                    "facade.metadata.numeric_project_id".into(),
+                    "digits only".into(),
+                ));
+            }
+            if !m.listen.ip().is_loopback() && m.tokens == FacadeTokens::Real {
+                return Err(invalid(
+                    "facade.metadata.listen".into(),
+                    "with `tokens: real` the facade hands real tokens to whoever asks: it listens on loopback only".into(),
                 ));
             }
         }
@@ -637,6 +718,32 @@ other_hosts: deny
         assert_eq!(c.allowed_ports, vec![443, 80]);
         assert_eq!(c.plain_http, PlainHttp::Upgrade);
         assert!(c.outbound_proxy.is_none());
+    }
+
+    #[test]
+    fn the_facade_names_a_known_identity_and_real_tokens_stay_on_loopback() {
+        let with = |extra: &str| Config::from_yaml(&format!("{GOOD}{extra}"), "t.yaml");
+        let c =
+            with("facade: { token_endpoint: true, metadata: { identity: dev, project_id: p } }\n")
+                .unwrap();
+        let m = c.facade.metadata.unwrap();
+        assert_eq!(m.listen.to_string(), "127.0.0.1:8181");
+        assert_eq!(m.tokens, FacadeTokens::Placeholder);
+        assert!(c.facade.token_endpoint);
+        let e = with("facade: { metadata: { identity: nobody, project_id: p } }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("facade.metadata.identity"), "{e}");
+        let e = with(
+            "facade: { metadata: { identity: dev, project_id: p, numeric_project_id: \"12a\" } }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("numeric_project_id"), "{e}");
+        let e = with("facade: { metadata: { identity: dev, project_id: p, tokens: real, listen: 0.0.0.0:8181 } }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("facade.metadata.listen"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! - [`demo`]: the offline demo.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`emulator`]: an offline IAM Credentials + OAuth2 + metadata server with Google's semantics.
+//! - [`facade`]: what Google's client libraries need to run unchanged: placeholder credentials.
+//! - [`onboard`]: `env`: the lines and files each client family needs to use and trust the proxy.
 //! - [`origin`]: a local TLS origin standing in for `*.googleapis.com` (demo, tests, benches).
 
 pub mod admin;
@@ -21,6 +23,8 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod emulator;
+pub mod facade;
+pub mod onboard;
 pub mod origin;
 pub mod proxy;
 pub mod routes;

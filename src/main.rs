@@ -66,6 +66,9 @@ enum Command {
     Env {
         #[arg(long, short, default_value = "config.yaml")]
         config: PathBuf,
+        /// The syntax: `sh` (export lines), `fish`, or `dotenv` (for containers and manifests).
+        #[arg(long, value_enum, default_value = "sh")]
+        format: impersonate_proxy::onboard::Format,
     },
     /// Serve the offline Google emulator (IAM Credentials, OAuth2, STS, metadata, tokeninfo).
     Emulator {
@@ -132,7 +135,7 @@ fn main() -> ExitCode {
             Command::Ca {
                 command: CaCommand::Init { config, force },
             } => cli::ca_init(&config, force),
-            Command::Env { config } => cli::env(&config),
+            Command::Env { config, format } => cli::env(&config, format),
             Command::Emulator { policy, listen } => cli::emulator(&policy, listen).await,
             Command::Demo { listen, once } => impersonate_proxy::demo::run(listen, once)
                 .await

@@ -264,3 +264,77 @@ async fn own_calls_to_google_ignore_the_proxy_environment() {
     trap_task.abort();
     sb.shutdown().await;
 }
+
+/// `env` as a user runs it: every line parses in its format, and the files it names exist
+/// (the merged bundle, gsutil's boto file, and Java's truststore when a JDK is on PATH).
+#[tokio::test]
+async fn env_prints_every_client_familys_lines_and_writes_their_files() {
+    let dir = std::env::temp_dir().join(format!("ip-cli-env-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen: 127.0.0.1:18080\nca: {{ cert: {0}/ca.pem, key: {0}/ca-key.pem }}\nidentities: {{ dev: {{ service_account: {1} }} }}\nfacade: {{ metadata: {{ identity: dev, project_id: env-proj, listen: 127.0.0.1:18181 }} }}\n",
+            dir.display(),
+            common::DEV
+        ),
+    )
+    .unwrap();
+    let o = run(&[
+        "env",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--format",
+        "dotenv",
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let vars: std::collections::BTreeMap<&str, &str> = out
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_once('=').expect("NAME=value"))
+        .collect();
+    assert_eq!(vars["HTTPS_PROXY"], "http://127.0.0.1:18080");
+    assert_eq!(vars["GCE_METADATA_HOST"], "127.0.0.1:18181");
+    assert_eq!(vars["METADATA_SERVER_DETECTION"], "assume-present");
+    assert_eq!(vars["GOOGLE_CLOUD_PROJECT"], "env-proj");
+    let bundle = std::fs::read_to_string(vars["SSL_CERT_FILE"]).unwrap();
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    assert!(
+        bundle.trim_end().ends_with(ca.trim_end()),
+        "the bundle ends with the CA"
+    );
+    let boto = std::fs::read_to_string(vars["BOTO_CONFIG"]).unwrap();
+    assert!(boto.contains("proxy_port = 18080") && boto.contains(vars["SSL_CERT_FILE"]));
+    let keytool = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("keytool").is_file()))
+        .unwrap_or(false);
+    if keytool {
+        let opts = vars["JAVA_TOOL_OPTIONS"];
+        assert!(opts.contains("-Dhttps.proxyPort=18080"), "{opts}");
+        let list = std::process::Command::new("keytool")
+            .args(["-list", "-storepass", "changeit", "-keystore"])
+            .arg(dir.join("truststore.p12"))
+            .output()
+            .unwrap();
+        let list = String::from_utf8_lossy(&list.stdout);
+        assert!(list.contains("impersonate-proxy"), "{list}");
+    } else {
+        assert!(out.contains("# Java: no truststore was written"), "{out}");
+    }
+    // The same lines for fish and sh.
+    for (format, line) in [
+        ("fish", "set -gx HTTPS_PROXY 'http://127.0.0.1:18080'"),
+        ("sh", "export HTTPS_PROXY='http://127.0.0.1:18080'"),
+    ] {
+        let o = run(&["env", "--config", cfg.to_str().unwrap(), "--format", format]).await;
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains(line),
+            "{}",
+            text(&o)
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

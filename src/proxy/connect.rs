@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures_util::future::Either;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
@@ -19,6 +20,7 @@ use tracing::Instrument;
 
 use super::error::{to_response, ProxyError};
 use super::forward::{self, Target};
+use super::token_endpoint;
 use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
 use crate::config::OtherHosts;
@@ -190,7 +192,8 @@ async fn connect(
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Result<Response<Body>, ProxyError> {
     let (host, port) = authority_of(req.uri(), None, state)?;
-    let intercept = state.routes.routes_host(&host);
+    let intercept = state.routes.routes_host(&host)
+        || (state.config.facade.token_endpoint && token_endpoint::is_host(&host));
     if !intercept && state.config.other_hosts == OtherHosts::Deny {
         return Err(ProxyError::Refused(format!(
             "{host} is not named by any route (other_hosts: deny)"
@@ -359,14 +362,21 @@ async fn intercept_tls(
         }
     };
     let svc_state = state.clone();
+    // `facade.token_endpoint`: this connection's token requests are answered here.
+    let answers_tokens =
+        state.config.facade.token_endpoint && token_endpoint::is_host(&target.host);
     let svc = service_fn(move |req| {
-        forward::request(
+        if answers_tokens && token_endpoint::is_token_request(&target.host, &req) {
+            let host = target.host.clone();
+            return Either::Left(async move { token_endpoint::answer(req, &host, peer).await });
+        }
+        Either::Right(forward::request(
             req,
             target.clone(),
             peer,
             svc_state.clone(),
             upstream.clone(),
-        )
+        ))
     });
     let limits = &state.config.limits;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

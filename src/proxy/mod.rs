@@ -11,6 +11,8 @@
 //! - `upstream.rs`: the upstream client, its resolver, and the connector that notes each
 //!   origin's protocol.
 //! - `multiplex.rs`: a worker's one h2 connection per origin, used without a pool.
+//! - `token_endpoint.rs`: `facade.token_endpoint`, the OAuth2 token endpoint answered with a
+//!   placeholder.
 //! - `error.rs`: [`ProxyError`] and its response.
 
 mod connect;
@@ -18,6 +20,7 @@ pub mod error;
 mod forward;
 mod headers;
 mod multiplex;
+mod token_endpoint;
 mod upload;
 pub mod upstream;
 
