@@ -473,3 +473,383 @@ async fn sign_jwt_and_sign_blob_need_token_creator() {
     );
     emu.shutdown().await;
 }
+
+/// Roles as Google names them, each with its own permissions; the metadata instance runs as
+/// `vm`, which is deliberately not listed under `service_accounts`.
+const ROLES_POLICY: &str = r#"
+users:
+  - { email: alice@example.com, client_id: cid, client_secret: csecret, refresh_token: rt-alice }
+custom_roles:
+  projects/p/roles/delegateOnly: [iam.serviceAccounts.implicitDelegation]
+service_accounts:
+  - email: hop@p.iam.gserviceaccount.com
+    bindings:
+      - { role: roles/iam.serviceAccountTokenCreator, members: ["user:alice@example.com"] }
+  - email: target@p.iam.gserviceaccount.com
+    unique_id: "109876543210987654321"
+    bindings:
+      - { role: projects/p/roles/delegateOnly, members: ["serviceAccount:hop@p.iam.gserviceaccount.com"] }
+      - { role: roles/iam.serviceAccountTokenCreator, members: ["serviceAccount:vm@p.iam.gserviceaccount.com"] }
+  - email: wi@p.iam.gserviceaccount.com
+    bindings:
+      - { role: roles/iam.workloadIdentityUser, members: ["user:alice@example.com"] }
+  - email: oidc@p.iam.gserviceaccount.com
+    bindings:
+      - { role: roles/iam.serviceAccountOpenIdTokenCreator, members: ["user:alice@example.com"] }
+  - email: user@p.iam.gserviceaccount.com
+    bindings:
+      - { role: roles/iam.serviceAccountUser, members: ["user:alice@example.com"] }
+metadata:
+  service_account: vm@p.iam.gserviceaccount.com
+"#;
+
+async fn call(
+    emu: &EmulatorHandle,
+    bearer: &str,
+    resource: &str,
+    verb: &str,
+    body: Value,
+) -> (u16, Value) {
+    let r = http()
+        .post(format!("{}/v1/{resource}:{verb}", emu.url()))
+        .bearer_auth(bearer)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+fn denied_permission(v: &Value) -> String {
+    assert_eq!(v["error"]["status"], "PERMISSION_DENIED", "{v}");
+    assert_eq!(
+        v["error"]["details"][0]["reason"], "IAM_PERMISSION_DENIED",
+        "{v}"
+    );
+    v["error"]["details"][0]["metadata"]["permission"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Looser item 1: a delegate that holds only implicitDelegation on the target gets nothing
+/// from it; the last hop needs the method's own permission (reference 004, the A→B→C rule).
+#[tokio::test]
+async fn the_last_hop_needs_the_methods_permission_not_implicit_delegation() {
+    let emu = start(ROLES_POLICY).await;
+    let alice = alice_token(&emu).await;
+    let target = "projects/-/serviceAccounts/target@p.iam.gserviceaccount.com";
+    let via_hop = ["projects/-/serviceAccounts/hop@p.iam.gserviceaccount.com"];
+    for (verb, body, permission) in [
+        (
+            "generateAccessToken",
+            json!({"scope": [SCOPE], "delegates": via_hop}),
+            "iam.serviceAccounts.getAccessToken",
+        ),
+        (
+            "generateIdToken",
+            json!({"audience": "https://x", "delegates": via_hop}),
+            "iam.serviceAccounts.getOpenIdToken",
+        ),
+        (
+            "signBlob",
+            json!({"payload": "aGk=", "delegates": via_hop}),
+            "iam.serviceAccounts.signBlob",
+        ),
+        (
+            "signJwt",
+            json!({"payload": "{}", "delegates": via_hop}),
+            "iam.serviceAccounts.signJwt",
+        ),
+    ] {
+        let (code, v) = call(&emu, &alice, target, verb, body).await;
+        assert_eq!(code, 403, "{verb}: {v}");
+        assert_eq!(denied_permission(&v), permission, "{verb}");
+        assert_eq!(
+            v["error"]["details"][0]["metadata"]["resource"], target,
+            "{verb}"
+        );
+    }
+    emu.shutdown().await;
+}
+
+/// Stricter item 10: each predefined role carries the reference's permissions and no more.
+#[tokio::test]
+async fn each_role_grants_its_own_permissions() {
+    let emu = start(ROLES_POLICY).await;
+    let alice = alice_token(&emu).await;
+    let res = |sa: &str| format!("projects/-/serviceAccounts/{sa}@p.iam.gserviceaccount.com");
+    let access = || json!({"scope": [SCOPE]});
+    let id = || json!({"audience": "https://svc"});
+    let blob = || json!({"payload": "aGk="});
+    // Workload Identity User mints both kinds of token but signs nothing.
+    assert_eq!(
+        call(&emu, &alice, &res("wi"), "generateAccessToken", access())
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&emu, &alice, &res("wi"), "generateIdToken", id())
+            .await
+            .0,
+        200
+    );
+    let (code, v) = call(&emu, &alice, &res("wi"), "signBlob", blob()).await;
+    assert_eq!(code, 403);
+    assert_eq!(denied_permission(&v), "iam.serviceAccounts.signBlob");
+    // OpenID Token Creator: ID tokens only.
+    assert_eq!(
+        call(&emu, &alice, &res("oidc"), "generateIdToken", id())
+            .await
+            .0,
+        200
+    );
+    let (code, v) = call(&emu, &alice, &res("oidc"), "generateAccessToken", access()).await;
+    assert_eq!(code, 403);
+    assert_eq!(denied_permission(&v), "iam.serviceAccounts.getAccessToken");
+    // Service Account User (actAs) mints nothing.
+    for (verb, body) in [
+        ("generateAccessToken", access()),
+        ("generateIdToken", id()),
+        ("signBlob", blob()),
+    ] {
+        assert_eq!(
+            call(&emu, &alice, &res("user"), verb, body).await.0,
+            403,
+            "{verb}"
+        );
+    }
+    emu.shutdown().await;
+}
+
+/// Looser item 2: a caller token needs cloud-platform or iam; Google's 403 otherwise.
+#[tokio::test]
+async fn the_callers_scopes_are_checked() {
+    let emu = start(ROLES_POLICY).await;
+    let vm_token = |scopes: &'static str| {
+        let url = format!(
+            "{}/computeMetadata/v1/instance/service-accounts/default/token?scopes={scopes}",
+            emu.url()
+        );
+        async move {
+            let v: Value = http()
+                .get(url)
+                .header("Metadata-Flavor", "Google")
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["access_token"].as_str().unwrap().to_string()
+        }
+    };
+    let target = "projects/-/serviceAccounts/target@p.iam.gserviceaccount.com";
+    let read_only = vm_token("https://www.googleapis.com/auth/devstorage.read_only").await;
+    let (code, v) = call(
+        &emu,
+        &read_only,
+        target,
+        "generateAccessToken",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 403, "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        "Request had insufficient authentication scopes."
+    );
+    assert_eq!(v["error"]["status"], "PERMISSION_DENIED");
+    let d = &v["error"]["details"][0];
+    assert_eq!(d["reason"], "ACCESS_TOKEN_SCOPE_INSUFFICIENT");
+    assert_eq!(d["domain"], "googleapis.com");
+    assert_eq!(d["metadata"]["service"], "iamcredentials.googleapis.com");
+    assert_eq!(
+        d["metadata"]["method"],
+        "google.iam.credentials.v1.IAMCredentials.GenerateAccessToken"
+    );
+    // The iam scope (what google-auth gives key-file sources) is enough, as is cloud-platform.
+    let iam = vm_token("https://www.googleapis.com/auth/iam").await;
+    assert_eq!(
+        call(
+            &emu,
+            &iam,
+            target,
+            "generateAccessToken",
+            json!({"scope": [SCOPE]})
+        )
+        .await
+        .0,
+        200
+    );
+    emu.shutdown().await;
+}
+
+/// Stricter item 9: the metadata instance's account (not listed under service_accounts) is
+/// `serviceAccount:vm@…` in bindings, so its Token Creator binding on `target` works.
+#[tokio::test]
+async fn the_metadata_account_need_not_be_listed() {
+    let emu = start(ROLES_POLICY).await;
+    let v: Value = http()
+        .get(format!(
+            "{}/computeMetadata/v1/instance/service-accounts/default/token",
+            emu.url()
+        ))
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let vm = v["access_token"].as_str().unwrap();
+    let (code, v) = call(
+        &emu,
+        vm,
+        "projects/-/serviceAccounts/target@p.iam.gserviceaccount.com",
+        "generateAccessToken",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    emu.shutdown().await;
+}
+
+/// Stricter items 1, 4, 8 and looser item 7: the request shapes Google accepts and refuses.
+#[tokio::test]
+async fn request_shapes_google_accepts_and_refuses() {
+    use base64::Engine as _;
+    let emu = start(POLICY).await;
+    let alice = alice_token(&emu).await;
+    let target = "projects/-/serviceAccounts/target@p.iam.gserviceaccount.com";
+    // `"delegates": null`, as google-auth-library-python sends by default.
+    let (code, v) = call(
+        &emu,
+        &alice,
+        target,
+        "generateAccessToken",
+        json!({"delegates": null, "scope": [SCOPE], "lifetime": "3600s"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = call(
+        &emu,
+        &alice,
+        target,
+        "generateIdToken",
+        json!({"audience": "https://svc", "delegates": null, "includeEmail": false}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    // `"includeEmail": "true"` as a string, as Google's own guide writes it.
+    let (code, v) = call(
+        &emu,
+        &alice,
+        target,
+        "generateIdToken",
+        json!({"audience": "https://svc", "includeEmail": "true"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let claims = v["token"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["email"], "target@p.iam.gserviceaccount.com");
+    let (code, v) = call(
+        &emu,
+        &alice,
+        target,
+        "generateIdToken",
+        json!({"audience": "https://svc", "includeEmail": "yes"}),
+    )
+    .await;
+    assert_eq!(code, 400, "{v}");
+    // Numeric unique ids, in the URL and in delegates, name the same accounts.
+    let unique = |v: &Value| v["token"].as_str().map(String::from);
+    let (_, v) = call(
+        &emu,
+        &alice,
+        target,
+        "generateIdToken",
+        json!({"audience": "a"}),
+    )
+    .await;
+    let sub: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(unique(&v).unwrap().split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let target_id = sub["sub"].as_str().unwrap().to_string();
+    assert!(target_id.bytes().all(|b| b.is_ascii_digit()), "{target_id}");
+    let (code, v) = call(
+        &emu,
+        &alice,
+        &format!("projects/-/serviceAccounts/{target_id}"),
+        "generateAccessToken",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        emu.token_info(v["accessToken"].as_str().unwrap())
+            .unwrap()
+            .principal,
+        "target@p.iam.gserviceaccount.com"
+    );
+    // `projects/-` is required: "replacing it with a project ID is invalid".
+    let (code, v) = call(
+        &emu,
+        &alice,
+        "projects/p/serviceAccounts/target@p.iam.gserviceaccount.com",
+        "generateAccessToken",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 400, "{v}");
+    assert_google_error(&v, 400, "INVALID_ARGUMENT");
+    emu.shutdown().await;
+}
+
+/// Looser item 4: signJwt refuses an `exp` in the past or over 12 h ahead, and adds one
+/// (now + 1 h) when the payload has none (`SignJwtRequest.payload` in Google's API docs).
+#[tokio::test]
+async fn sign_jwt_applies_the_exp_rules() {
+    use base64::Engine as _;
+    let emu = start(POLICY).await;
+    let alice = alice_token(&emu).await;
+    let target = "projects/-/serviceAccounts/target@p.iam.gserviceaccount.com";
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sign = |payload: String| call(&emu, &alice, target, "signJwt", json!({"payload": payload}));
+    let (code, v) = sign("{\"sub\":\"x\"}".into()).await;
+    assert_eq!(code, 200, "{v}");
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(v["signedJwt"].as_str().unwrap().split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let exp = claims["exp"].as_u64().unwrap();
+    assert!((now + 3590..=now + 3610).contains(&exp), "{claims}");
+    let (code, v) = sign(format!("{{\"exp\":{}}}", now - 60)).await;
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = sign(format!("{{\"exp\":{}}}", now + 13 * 3600)).await;
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = sign(format!("{{\"exp\":{}}}", now + 11 * 3600)).await;
+    assert_eq!(code, 200, "{v}");
+    emu.shutdown().await;
+}

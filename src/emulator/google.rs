@@ -14,13 +14,13 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 use super::policy::ServiceAccount;
-use super::{jwt, Emulator, Policy, TokenInfo};
+use super::{iam, jwt, Emulator, Policy, TokenInfo};
 
-type Resp = Response<Full<Bytes>>;
+pub(super) type Resp = Response<Full<Bytes>>;
 
 const MAX_BODY: usize = 1 << 20;
-const DEFAULT_LIFETIME: u64 = 3600;
-const EXTENDED_LIFETIME: u64 = 43_200;
+pub(super) const DEFAULT_LIFETIME: u64 = 3600;
+pub(super) const EXTENDED_LIFETIME: u64 = 43_200;
 const USER_SCOPES: &str =
     "openid https://www.googleapis.com/auth/userinfo.email https://www.googleapis.com/auth/cloud-platform";
 
@@ -85,7 +85,7 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
             with_faults(emu, || sts_token(emu, &parse_form_or_json(&body))).await
         }
         (&Method::POST, p) if p.starts_with("/v1/projects/") => {
-            let Some((account, verb)) = parse_iam_path(p) else {
+            let Some((project, account, verb)) = iam::parse_iam_path(p) else {
                 return google_error(404, "NOT_FOUND", "Unknown IAM Credentials method.");
             };
             let counter = match verb.as_str() {
@@ -96,7 +96,10 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
                 _ => return google_error(404, "NOT_FOUND", "Unknown IAM Credentials method."),
             };
             count(counter);
-            with_faults(emu, || iam(emu, &account, &verb, bearer, &body)).await
+            with_faults(emu, || {
+                iam::iam(emu, &project, &account, &verb, bearer, &body)
+            })
+            .await
         }
         _ => google_error(404, "NOT_FOUND", "Not found."),
     }
@@ -143,268 +146,11 @@ async fn with_faults(emu: &Emulator, answer: impl FnOnce() -> Resp) -> Resp {
     answer()
 }
 
-// ---------------------------------------------------------------- IAM Credentials
-
-/// `/v1/projects/-/serviceAccounts/EMAIL:verb` → (EMAIL, verb).
-fn parse_iam_path(p: &str) -> Option<(String, String)> {
-    let rest = p.strip_prefix("/v1/projects/")?;
-    let (_project, rest) = rest.split_once("/serviceAccounts/")?;
-    let (account, verb) = rest.rsplit_once(':')?;
-    Some((percent_decode(account), verb.to_string()))
-}
-
-fn iam(emu: &Emulator, account: &str, verb: &str, bearer: Option<&str>, body: &[u8]) -> Resp {
-    let Some(caller) = bearer.and_then(|t| authenticate(emu, t)) else {
-        return google_error(
-            401,
-            "UNAUTHENTICATED",
-            "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential.",
-        );
-    };
-    let req: Value = match serde_json::from_slice(body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => return google_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received."),
-    };
-    // Validate arguments before looking anything up, as Google does.
-    let mut delegates = Vec::new();
-    if let Some(list) = req.get("delegates") {
-        let Some(list) = list.as_array() else {
-            return google_error(400, "INVALID_ARGUMENT", "Invalid value at 'delegates'.");
-        };
-        for d in list {
-            let d = d.as_str().unwrap_or("");
-            match d.strip_prefix("projects/-/serviceAccounts/") {
-                Some(email) if !email.is_empty() => delegates.push(email.to_string()),
-                _ => {
-                    return google_error(
-                        400,
-                        "INVALID_ARGUMENT",
-                        &format!("Invalid form of account ID {d}. Should be [Gaia ID |Email |Unique ID |] of the account"),
-                    )
-                }
-            }
-        }
-    }
-    let permission = match verb {
-        "generateAccessToken" => "iam.serviceAccounts.getAccessToken",
-        "generateIdToken" => "iam.serviceAccounts.getOpenIdToken",
-        "signJwt" => "iam.serviceAccounts.signJwt",
-        _ => "iam.serviceAccounts.signBlob",
-    };
-    let mut lifetime = DEFAULT_LIFETIME;
-    let mut scopes = Vec::new();
-    match verb {
-        "generateAccessToken" => {
-            scopes = req
-                .get("scope")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default();
-            if scopes.is_empty() {
-                return google_error(400, "INVALID_ARGUMENT", "Scope required.");
-            }
-            if let Some(l) = req.get("lifetime") {
-                match l.as_str().and_then(parse_lifetime) {
-                    Some(secs) if secs > 0 => lifetime = secs,
-                    _ => return google_error(400, "INVALID_ARGUMENT", "Invalid value at 'lifetime' (type.googleapis.com/google.protobuf.Duration)."),
-                }
-            }
-            if lifetime > EXTENDED_LIFETIME {
-                return google_error(400, "INVALID_ARGUMENT", &format!("The lifetime requested ({lifetime}s) exceeds the maximum allowed of {EXTENDED_LIFETIME}s."));
-            }
-        }
-        "generateIdToken" => {
-            if req
-                .get("audience")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .is_empty()
-            {
-                return google_error(400, "INVALID_ARGUMENT", "Audience is required.");
-            }
-        }
-        "signJwt" => {
-            if req.get("payload").and_then(Value::as_str).is_none() {
-                return google_error(400, "INVALID_ARGUMENT", "Payload is required.");
-            }
-        }
-        _ => {
-            if req.get("payload").and_then(Value::as_str).is_none() {
-                return google_error(400, "INVALID_ARGUMENT", "Payload is required.");
-            }
-        }
-    }
-
-    // Every account in the chain must exist.
-    let Some(target) = emu.policy.account(account) else {
-        return google_error(
-            404,
-            "NOT_FOUND",
-            &format!("Not found; Gaia id not found for email {account}"),
-        );
-    };
-    let mut chain: Vec<&ServiceAccount> = Vec::with_capacity(delegates.len() + 1);
-    for d in &delegates {
-        match emu.policy.account(d) {
-            Some(sa) => chain.push(sa),
-            None => {
-                return google_error(
-                    404,
-                    "NOT_FOUND",
-                    &format!("Not found; Gaia id not found for email {d}"),
-                )
-            }
-        }
-    }
-    chain.push(target);
-
-    // Hop by hop: the caller needs the permission (Token Creator) on the first account of the
-    // chain; each account needs implicitDelegation on the next.
-    let caller_member = member_of(&emu.policy, &caller.principal);
-    let first = chain[0];
-    let first_permission = if chain.len() > 1 {
-        "iam.serviceAccounts.implicitDelegation"
-    } else {
-        permission
-    };
-    let first_ok = first.token_creators.contains(&caller_member)
-        || (chain.len() > 1 && first.implicit_delegators.contains(&caller_member));
-    if !first_ok {
-        return permission_denied(first_permission, &first.email);
-    }
-    for pair in chain.windows(2) {
-        let (from, to) = (pair[0], pair[1]);
-        let from_member = format!("serviceAccount:{}", from.email);
-        if !(to.token_creators.contains(&from_member)
-            || to.implicit_delegators.contains(&from_member))
-        {
-            return permission_denied("iam.serviceAccounts.implicitDelegation", &to.email);
-        }
-    }
-    // The last hop must hold the real permission on the target, which implicitDelegation alone
-    // does not give.
-    if chain.len() > 1 {
-        let from_member = format!("serviceAccount:{}", chain[chain.len() - 2].email);
-        if !target.token_creators.contains(&from_member)
-            && !target.implicit_delegators.contains(&from_member)
-        {
-            return permission_denied(permission, &target.email);
-        }
-    }
-
-    let unique_id = Policy::unique_id(target);
-    match verb {
-        "generateAccessToken" => {
-            if lifetime > DEFAULT_LIFETIME && !target.lifetime_extension {
-                return google_error(400, "INVALID_ARGUMENT", &format!(
-                    "The lifetime requested ({lifetime}s) exceeds the maximum allowed of {DEFAULT_LIFETIME}s. A longer lifetime requires the constraints/iam.allowServiceAccountCredentialLifetimeExtension organization policy."
-                ));
-            }
-            let secs = effective_lifetime(emu, lifetime);
-            let token = issue(emu, &target.email, scopes, secs, &unique_id);
-            ok_json(
-                &json!({"accessToken": token, "expireTime": rfc3339(SystemTime::now() + Duration::from_secs(secs))}),
-            )
-        }
-        "generateIdToken" => {
-            let audience = req.get("audience").and_then(Value::as_str).unwrap_or("");
-            let include_email = req
-                .get("includeEmail")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            let now = unix_now();
-            let mut claims = json!({
-                "iss": "https://accounts.google.com", "aud": audience, "azp": unique_id,
-                "sub": unique_id, "iat": now, "exp": now + effective_lifetime(emu, DEFAULT_LIFETIME),
-            });
-            if include_email {
-                claims["email"] = json!(target.email);
-                claims["email_verified"] = json!(true);
-            }
-            match emu.signer.jwt(&claims) {
-                Ok(t) => ok_json(&json!({"token": t})),
-                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
-            }
-        }
-        "signJwt" => {
-            let payload = req.get("payload").and_then(Value::as_str).unwrap_or("");
-            let Ok(claims) = serde_json::from_str::<Value>(payload) else {
-                return google_error(400, "INVALID_ARGUMENT", "Payload is not valid JSON.");
-            };
-            match emu.signer.jwt(&claims) {
-                Ok(t) => ok_json(&json!({"keyId": emu.signer.kid, "signedJwt": t})),
-                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
-            }
-        }
-        _ => {
-            use base64::Engine as _;
-            let payload = req.get("payload").and_then(Value::as_str).unwrap_or("");
-            let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(payload) else {
-                return google_error(400, "INVALID_ARGUMENT", "Payload is not valid base64.");
-            };
-            match emu.signer.sign_blob(&blob) {
-                Ok(s) => ok_json(&json!({"keyId": emu.signer.kid, "signedBlob": s})),
-                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
-            }
-        }
-    }
-}
-
-fn permission_denied(permission: &str, resource: &str) -> Resp {
-    let body = json!({"error": {
-        "code": 403,
-        "message": format!("Permission '{permission}' denied on resource (or it may not exist)."),
-        "status": "PERMISSION_DENIED",
-        "details": [{
-            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-            "reason": "IAM_PERMISSION_DENIED",
-            "domain": "iam.googleapis.com",
-            "metadata": {"permission": permission, "resource": format!("projects/-/serviceAccounts/{resource}")}
-        }]
-    }});
-    json_response(403, &body)
-}
-
-/// `user:EMAIL` or `serviceAccount:EMAIL` for an email, the federated principal as is.
-fn member_of(policy: &Policy, principal: &str) -> String {
-    if principal.starts_with("principal://") {
-        principal.to_string()
-    } else if policy.account(principal).is_some() {
-        format!("serviceAccount:{principal}")
-    } else {
-        format!("user:{principal}")
-    }
-}
-
-/// Who is calling: an access token we issued, or a self-signed JWT of a policy key.
-fn authenticate(emu: &Emulator, token: &str) -> Option<TokenInfo> {
-    if let Some(info) = emu.lookup(token) {
-        return Some(info);
-    }
-    let (sa, claims) = verify_key_jwt(emu, token)?;
-    let aud_ok = claims.get("aud").and_then(Value::as_str).is_some_and(|a| {
-        a.starts_with("https://iamcredentials.googleapis.com") || a.starts_with(&emu.url)
-    });
-    let scope = claims.get("scope").and_then(Value::as_str).unwrap_or("");
-    if !aud_ok && scope.is_empty() {
-        return None;
-    }
-    Some(TokenInfo {
-        principal: sa.email.clone(),
-        scopes: scope.split_whitespace().map(String::from).collect(),
-        expires: UNIX_EPOCH
-            + Duration::from_secs(claims.get("exp").and_then(Value::as_u64).unwrap_or(0)),
-        azp: Policy::unique_id(sa),
-    })
-}
-
 /// A JWT signed with a service account's registered key, unexpired, iss = sub = that account.
-fn verify_key_jwt<'a>(emu: &'a Emulator, token: &str) -> Option<(&'a ServiceAccount, Value)> {
+pub(super) fn verify_key_jwt<'a>(
+    emu: &'a Emulator,
+    token: &str,
+) -> Option<(&'a ServiceAccount, Value)> {
     let jwt = jwt::decode(token)?;
     let kid = jwt.header.get("kid").and_then(Value::as_str)?;
     let iss = jwt.claims.get("iss").and_then(Value::as_str)?;
@@ -618,14 +364,20 @@ fn tokeninfo(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
 
 // ---------------------------------------------------------------- helpers
 
-fn effective_lifetime(emu: &Emulator, requested: u64) -> u64 {
+pub(super) fn effective_lifetime(emu: &Emulator, requested: u64) -> u64 {
     match emu.policy.token_lifetime {
         Some(cap) => requested.min(cap.as_secs().max(1)),
         None => requested,
     }
 }
 
-fn issue(emu: &Emulator, principal: &str, scopes: Vec<String>, secs: u64, azp: &str) -> String {
+pub(super) fn issue(
+    emu: &Emulator,
+    principal: &str,
+    scopes: Vec<String>,
+    secs: u64,
+    azp: &str,
+) -> String {
     let token = format!("ya29.emu.{}", jwt::b64url(&rand::random::<[u8; 32]>()));
     emu.tokens.insert(
         token.clone(),
@@ -639,14 +391,7 @@ fn issue(emu: &Emulator, principal: &str, scopes: Vec<String>, secs: u64, azp: &
     token
 }
 
-/// `"3600s"` or `"3600.5s"` → whole seconds.
-fn parse_lifetime(s: &str) -> Option<u64> {
-    let n = s.strip_suffix('s')?;
-    let whole = n.split('.').next()?;
-    whole.parse().ok()
-}
-
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -654,7 +399,7 @@ fn unix_now() -> u64 {
 }
 
 /// `2020-04-07T15:01:23Z`.
-pub(crate) fn rfc3339(t: SystemTime) -> String {
+pub(super) fn rfc3339(t: SystemTime) -> String {
     let dt = time::OffsetDateTime::from(t);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -667,7 +412,7 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-fn percent_decode(s: &str) -> String {
+pub(super) fn percent_decode(s: &str) -> String {
     url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
         .next()
         .map(|(_, v)| v.into_owned())
@@ -688,7 +433,7 @@ fn parse_form_or_json(body: &[u8]) -> HashMap<String, String> {
     }
 }
 
-fn json_response(code: u16, body: &Value) -> Resp {
+pub(super) fn json_response(code: u16, body: &Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut().insert(
@@ -698,11 +443,11 @@ fn json_response(code: u16, body: &Value) -> Resp {
     r
 }
 
-fn ok_json(body: &Value) -> Resp {
+pub(super) fn ok_json(body: &Value) -> Resp {
     json_response(200, body)
 }
 
-pub(crate) fn google_error(code: u16, status: &str, message: &str) -> Resp {
+pub(super) fn google_error(code: u16, status: &str, message: &str) -> Resp {
     json_response(
         code,
         &json!({"error": {"code": code, "message": message, "status": status, "details": []}}),

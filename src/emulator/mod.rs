@@ -9,6 +9,7 @@
 //! - `google.rs`: the endpoints.
 
 mod google;
+mod iam;
 pub mod jwt;
 pub mod policy;
 
