@@ -13,6 +13,7 @@
 //! - [`demo`]: the offline demo.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`emulator`]: an offline IAM Credentials + OAuth2 + metadata server with Google's semantics.
+//! - [`metadata`]: the GCE metadata-server protocol, served by the emulator and the facade.
 //! - [`origin`]: a local TLS origin standing in for `*.googleapis.com` (demo, tests, benches).
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod emulator;
+pub mod metadata;
 pub mod origin;
 pub mod proxy;
 pub mod routes;

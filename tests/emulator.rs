@@ -853,3 +853,76 @@ async fn sign_jwt_applies_the_exp_rules() {
     assert_eq!(code, 200, "{v}");
     emu.shutdown().await;
 }
+
+/// Stricter items 2 and 3: the metadata server as client libraries probe and read it, over
+/// HTTP: the flavor header on every answer, `instance` without a slash (Node's gcp-metadata
+/// probes it), the account directory, and `identity?audience=&format=full`.
+#[tokio::test]
+async fn metadata_answers_as_google_libraries_expect() {
+    use base64::Engine as _;
+    let emu = start(ROLES_POLICY).await;
+    let get = |path: &str, flavor: bool| {
+        let mut r = http().get(format!("{}{path}", emu.url()));
+        if flavor {
+            r = r.header("Metadata-Flavor", "Google");
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            let flavor = r
+                .headers()
+                .get("metadata-flavor")
+                .map(|v| v.to_str().unwrap().to_string());
+            (r.status().as_u16(), flavor, r.text().await.unwrap())
+        }
+    };
+    let sa = "/computeMetadata/v1/instance/service-accounts";
+    for (path, flavor, code) in [
+        ("/", true, 200),
+        ("/computeMetadata/v1/", true, 200),
+        ("/computeMetadata/v1/instance", true, 200),
+        ("/computeMetadata/v1/instance/", true, 200),
+        ("/computeMetadata/v1/instance/", false, 403),
+        ("/computeMetadata/v1/project/project-id", true, 200),
+        ("/computeMetadata/v1/project/numeric-project-id", true, 200),
+        ("/computeMetadata/v1/instance/missing", true, 404),
+    ] {
+        let (c, f, _) = get(path, flavor).await;
+        assert_eq!(c, code, "{path}");
+        assert_eq!(f.as_deref(), Some("Google"), "{path}");
+    }
+    let (_, _, email) = get(&format!("{sa}/default/email"), true).await;
+    assert_eq!(email, "vm@p.iam.gserviceaccount.com");
+    let (_, _, same) = get(&format!("{sa}/vm@p.iam.gserviceaccount.com/email"), true).await;
+    assert_eq!(same, email);
+    let (c, _, info) = get(&format!("{sa}/default/?recursive=true"), true).await;
+    assert_eq!(c, 200);
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert_eq!(info["email"], "vm@p.iam.gserviceaccount.com");
+    assert_eq!(info["scopes"], json!([SCOPE]));
+    let (c, _, _) = get(&format!("{sa}/default/identity"), true).await;
+    assert_eq!(c, 400, "identity needs an audience");
+    let (c, f, jwt) = get(
+        &format!("{sa}/default/identity?audience=https://svc&format=full"),
+        true,
+    )
+    .await;
+    assert_eq!((c, f.as_deref()), (200, Some("Google")));
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(jwt.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["aud"], "https://svc");
+    assert_eq!(claims["email"], "vm@p.iam.gserviceaccount.com");
+    assert_eq!(claims["iss"], "https://accounts.google.com");
+    assert!(claims["google"]["compute_engine"]["project_id"].is_string());
+    // The ID token verifies against the published OIDC keys (tokeninfo checks that).
+    let r = http()
+        .get(format!("{}/tokeninfo?id_token={jwt}", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    emu.shutdown().await;
+}

@@ -14,7 +14,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 use super::policy::ServiceAccount;
-use super::{iam, jwt, Emulator, Policy, TokenInfo};
+use super::{iam, instance, jwt, Emulator, Policy, TokenInfo};
 
 pub(super) type Resp = Response<Full<Bytes>>;
 
@@ -44,11 +44,6 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let flavor_ok = parts
-        .headers
-        .get("metadata-flavor")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"Google"));
-
     match (&parts.method, path) {
         (&Method::GET, "/oauth2/v3/certs") => ok_json(&emu.signer.jwks()),
         (_, "/tokeninfo") => {
@@ -60,21 +55,24 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
             };
             tokeninfo(emu, &form)
         }
-        (&Method::GET, "/") | (&Method::GET, "/computeMetadata/v1/") => {
-            let mut r = text(200, "computeMetadata/\n");
-            r.headers_mut()
-                .insert("metadata-flavor", HeaderValue::from_static("Google"));
-            r
-        }
-        (&Method::GET, p) if p.starts_with("/computeMetadata/v1/") => {
-            if !flavor_ok {
-                return text(
-                    403,
-                    "Missing required header \"Metadata-Flavor\": \"Google\"\n",
-                );
+        (_, p) if crate::metadata::is_metadata_path(p) => {
+            if emu.policy.metadata.is_none() {
+                // No instance: answer as a host that is not a metadata server.
+                return text(404, "Not Found\n");
             }
-            let p = p.to_string();
-            with_faults(emu, || metadata(emu, &p, query)).await
+            if let Some(mut r) = fault(emu).await {
+                // The metadata server marks its errors too.
+                r.headers_mut()
+                    .insert("metadata-flavor", HeaderValue::from_static("Google"));
+                return r;
+            }
+            crate::metadata::serve(
+                &instance::EmulatedInstance(emu),
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+            )
+            .await
         }
         (&Method::POST, "/token") => {
             count(&emu.stats.oauth_token);
@@ -109,8 +107,20 @@ fn count(c: &AtomicU64) {
     c.fetch_add(1, Ordering::SeqCst);
 }
 
+pub(super) fn count_metadata_token(emu: &Emulator) {
+    count(&emu.stats.metadata_token);
+}
+
 /// Latency, outages, 429 bursts and random errors, applied before the real answer.
 async fn with_faults(emu: &Emulator, answer: impl FnOnce() -> Resp) -> Resp {
+    match fault(emu).await {
+        Some(r) => r,
+        None => answer(),
+    }
+}
+
+/// The injected fault for this call, if any (after the injected latency).
+async fn fault(emu: &Emulator) -> Option<Resp> {
     let f = &emu.faults;
     let latency = f.latency_ms.load(Ordering::SeqCst);
     if latency > 0 {
@@ -118,18 +128,22 @@ async fn with_faults(emu: &Emulator, answer: impl FnOnce() -> Resp) -> Resp {
     }
     if f.down.load(Ordering::SeqCst) {
         count(&emu.stats.failures_injected);
-        return google_error(503, "UNAVAILABLE", "The service is currently unavailable.");
+        return Some(google_error(
+            503,
+            "UNAVAILABLE",
+            "The service is currently unavailable.",
+        ));
     }
     let burst = f
         .burst_429
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     if burst.is_ok() {
         count(&emu.stats.failures_injected);
-        return google_error(
+        return Some(google_error(
             429,
             "RESOURCE_EXHAUSTED",
             "Quota exceeded for quota metric 'Token requests'.",
-        );
+        ));
     }
     let ppm = f.error_ppm.load(Ordering::SeqCst);
     if ppm > 0 {
@@ -140,10 +154,14 @@ async fn with_faults(emu: &Emulator, answer: impl FnOnce() -> Resp) -> Resp {
             .unwrap_or(0);
         if roll < ppm {
             count(&emu.stats.failures_injected);
-            return google_error(503, "UNAVAILABLE", "The service is currently unavailable.");
+            return Some(google_error(
+                503,
+                "UNAVAILABLE",
+                "The service is currently unavailable.",
+            ));
         }
     }
-    answer()
+    None
 }
 
 /// A JWT signed with a service account's registered key, unexpired, iss = sub = that account.
@@ -272,56 +290,6 @@ fn sts_token(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
         "token_type": "Bearer",
         "expires_in": secs,
     }))
-}
-
-fn metadata(emu: &Emulator, path: &str, query: &str) -> Resp {
-    let Some(inst) = &emu.policy.metadata else {
-        return text(404, "Not Found\n");
-    };
-    let rest = path.trim_start_matches("/computeMetadata/v1/");
-    if rest == "project/project-id" {
-        return text(200, "emulated-project");
-    }
-    let Some(sa_path) = rest.strip_prefix("instance/service-accounts/") else {
-        return text(404, "Not Found\n");
-    };
-    let (account, leaf) = sa_path.split_once('/').unwrap_or((sa_path, ""));
-    if account != "default" && !account.eq_ignore_ascii_case(&inst.service_account) {
-        return text(404, "Not Found\n");
-    }
-    let scopes: Vec<String> = if inst.scopes.is_empty() {
-        vec![crate::config::CLOUD_PLATFORM_SCOPE.to_string()]
-    } else {
-        inst.scopes.clone()
-    };
-    match leaf {
-        "token" => {
-            count(&emu.stats.metadata_token);
-            let asked = parse_form(query.as_bytes())
-                .get("scopes")
-                .map(|s| s.split(',').map(String::from).collect::<Vec<_>>());
-            let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
-            let unique = emu
-                .policy
-                .account(&inst.service_account)
-                .map(Policy::unique_id)
-                .unwrap_or_else(|| "metadata".into());
-            let token = issue(
-                emu,
-                &inst.service_account,
-                asked.unwrap_or(scopes),
-                secs,
-                &unique,
-            );
-            ok_json(&json!({"access_token": token, "expires_in": secs, "token_type": "Bearer"}))
-        }
-        "email" => text(200, &inst.service_account),
-        "scopes" => text(200, &scopes.join("\n")),
-        "" => ok_json(
-            &json!({"aliases": ["default"], "email": inst.service_account, "scopes": scopes}),
-        ),
-        _ => text(404, "Not Found\n"),
-    }
 }
 
 fn tokeninfo(emu: &Emulator, form: &HashMap<String, String>) -> Resp {

@@ -250,7 +250,12 @@ pub(super) fn iam(
         }
         "generateIdToken" => {
             let audience = req.get("audience").and_then(Value::as_str).unwrap_or("");
-            match id_token(emu, &target.into(), audience, include_email) {
+            match emu.signer.jwt(&id_token_claims(
+                emu,
+                &target.into(),
+                audience,
+                include_email,
+            )) {
                 Ok(t) => ok_json(&json!({"token": t})),
                 Err(e) => google_error(500, "INTERNAL", &e.to_string()),
             }
@@ -273,13 +278,13 @@ pub(super) fn iam(
     }
 }
 
-/// An ID token for `sa`, signed with the emulator's Google-like OIDC key.
-pub(super) fn id_token(
+/// The claims of an ID token for `sa`, as Google's OIDC issuer writes them.
+pub(super) fn id_token_claims(
     emu: &Emulator,
     sa: &ServiceAccountRef<'_>,
     audience: &str,
     include_email: bool,
-) -> Result<String, super::EmulatorError> {
+) -> Value {
     let now = unix_now();
     let mut claims = json!({
         "iss": "https://accounts.google.com", "aud": audience, "azp": sa.unique_id,
@@ -289,7 +294,7 @@ pub(super) fn id_token(
         claims["email"] = json!(sa.email);
         claims["email_verified"] = json!(true);
     }
-    emu.signer.jwt(&claims)
+    claims
 }
 
 /// Who an ID token is for: an account of the policy, or the metadata instance's account.

@@ -6,10 +6,13 @@
 //!
 //! - `policy.rs`: the policy file (who may impersonate whom; test knobs).
 //! - `jwt.rs`: RS256 signing and verification, key files.
-//! - `google.rs`: the endpoints.
+//! - `google.rs`: routing, faults, OAuth2, STS, tokeninfo.
+//! - `iam.rs`: IAM Credentials (permissions hop by hop, scopes, request shapes).
+//! - `instance.rs`: the metadata instance behind [`crate::metadata`].
 
 mod google;
 mod iam;
+mod instance;
 pub mod jwt;
 pub mod policy;
 

@@ -316,15 +316,20 @@ impl Policy {
     }
 
     pub fn unique_id(sa: &ServiceAccount) -> String {
-        sa.unique_id.clone().unwrap_or_else(|| {
-            use sha2::Digest;
-            let h = sha2::Sha256::digest(sa.email.as_bytes());
-            let mut n: u128 = 0;
-            for b in &h[..12] {
-                n = (n << 8) | u128::from(*b);
-            }
-            format!("1{:020}", n % 100_000_000_000_000_000_000)
-        })
+        sa.unique_id
+            .clone()
+            .unwrap_or_else(|| Policy::derived_unique_id(&sa.email))
+    }
+
+    /// A stable 21-digit id for an email, in the shape of Google's unique ids.
+    pub fn derived_unique_id(email: &str) -> String {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(email.to_ascii_lowercase().as_bytes());
+        let mut n: u128 = 0;
+        for b in &h[..12] {
+            n = (n << 8) | u128::from(*b);
+        }
+        format!("1{:020}", n % 100_000_000_000_000_000_000)
     }
 }
 
