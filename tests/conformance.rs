@@ -187,7 +187,21 @@ id_creds = impersonated_credentials.IDTokenCredentials(
     creds, target_audience="https://svc.example.com", include_email=True)
 id_creds.refresh(request)
 signature = creds.sign_bytes(b"bytes to sign")
+# Google's own verifiers, fed from the emulator's key endpoints: the signature with the
+# account's certificate, the ID token with the OIDC certificates.
+import requests
+from google.auth import crypt
+from google.oauth2 import id_token
+certs = requests.get(os.environ["EMULATOR"] + "/service_accounts/v1/metadata/x509/" + target).json()
+blob_verified = any(
+    crypt.RSAVerifier.from_string(pem).verify(b"bytes to sign", signature)
+    for pem in certs.values())
+verified = id_token.verify_token(
+    id_creds.token, request, audience="https://svc.example.com",
+    certs_url=os.environ["EMULATOR"] + "/oauth2/v1/certs")
 print(json.dumps({{
+    "blob_verified": blob_verified,
+    "verified_email": verified["email"],
     "access_token": creds.token,
     "expiry": creds.expiry.isoformat(),
     "source_token": creds._source_credentials.token,
@@ -214,6 +228,14 @@ print(json.dumps({{
     assert_eq!(id["aud"], "https://svc.example.com");
     assert_eq!(id["email"], TARGET);
     assert_eq!(out["signature_len"], 256);
+    assert_eq!(
+        out["blob_verified"], true,
+        "the account's x509 key verifies signBlob"
+    );
+    assert_eq!(
+        out["verified_email"], TARGET,
+        "google.oauth2.id_token verifies it"
+    );
     let stats = w.emu.stats();
     assert_eq!(Stats::get(&stats.generate_access_token), 1);
     assert_eq!(Stats::get(&stats.generate_id_token), 1);

@@ -926,3 +926,111 @@ async fn metadata_answers_as_google_libraries_expect() {
     assert_eq!(r.status(), 200);
     emu.shutdown().await;
 }
+
+fn rsa_verify(jwk: &Value, message: &[u8], signature: &[u8]) -> bool {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let n = b64.decode(jwk["n"].as_str().unwrap()).unwrap();
+    let e = b64.decode(jwk["e"].as_str().unwrap()).unwrap();
+    aws_lc_rs::signature::RsaPublicKeyComponents { n: &n, e: &e }
+        .verify(
+            &aws_lc_rs::signature::RSA_PKCS1_2048_8192_SHA256,
+            message,
+            signature,
+        )
+        .is_ok()
+}
+
+/// Looser item 3: each account signs with its own key, published at Google's three paths;
+/// a signJwt token claiming Google as issuer no longer passes tokeninfo, and ID tokens are
+/// signed with the OIDC key only.
+#[tokio::test]
+async fn each_account_signs_with_its_own_published_key() {
+    use base64::Engine as _;
+    let emu = start(POLICY).await;
+    let alice = alice_token(&emu).await;
+    let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let base = emu.url();
+    let get = |path: String| {
+        let url = format!("{base}{path}");
+        async move {
+            let r = http().get(url).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let target = "target@p.iam.gserviceaccount.com";
+    let res = format!("projects/-/serviceAccounts/{target}");
+    let (code, v) = call(
+        &emu,
+        &alice,
+        &res,
+        "signJwt",
+        json!({"payload": "{\"iss\":\"https://accounts.google.com\",\"aud\":\"x\",\"sub\":\"1\"}"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let key_id = v["keyId"].as_str().unwrap().to_string();
+    let jwt = v["signedJwt"].as_str().unwrap().to_string();
+    let parts: Vec<&str> = jwt.split('.').collect();
+    let header: Value = serde_json::from_slice(&b64url.decode(parts[0]).unwrap()).unwrap();
+    assert_eq!(header["kid"], key_id.as_str());
+    // The account's JWK verifies it; the OIDC keys do not list it, and tokeninfo refuses it.
+    let (code, jwks) = get(format!("/service_accounts/v1/metadata/jwk/{target}")).await;
+    assert_eq!(code, 200);
+    assert_eq!(jwks["keys"][0]["kid"], key_id.as_str());
+    let signed = format!("{}.{}", parts[0], parts[1]);
+    assert!(rsa_verify(
+        &jwks["keys"][0],
+        signed.as_bytes(),
+        &b64url.decode(parts[2]).unwrap()
+    ));
+    let (_, oidc) = get("/oauth2/v3/certs".into()).await;
+    assert_ne!(oidc["keys"][0]["kid"], key_id.as_str());
+    assert!(!rsa_verify(
+        &oidc["keys"][0],
+        signed.as_bytes(),
+        &b64url.decode(parts[2]).unwrap()
+    ));
+    let r = http()
+        .get(format!("{}/tokeninfo?id_token={jwt}", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "a signJwt token is not a Google ID token");
+    // signBlob: same key, verifiable with the account's key.
+    let (code, v) = call(
+        &emu,
+        &alice,
+        &res,
+        "signBlob",
+        json!({"payload": "aGVsbG8="}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["keyId"], key_id.as_str());
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(v["signedBlob"].as_str().unwrap())
+        .unwrap();
+    assert!(rsa_verify(&jwks["keys"][0], b"hello", &sig));
+    // x509 and raw carry the same key id; another account has another key; unknown is 404.
+    let (_, x509) = get(format!("/service_accounts/v1/metadata/x509/{target}")).await;
+    assert!(x509[&key_id]
+        .as_str()
+        .unwrap()
+        .starts_with("-----BEGIN CERTIFICATE-----"));
+    let (_, raw) = get(format!("/service_accounts/v1/metadata/raw/{target}")).await;
+    assert_eq!(raw["keyvalues"][0]["keyid"], key_id.as_str());
+    assert_eq!(raw["keyvalues"][0]["exponent"], "AQAB");
+    let (_, other) =
+        get("/service_accounts/v1/metadata/jwk/hop@p.iam.gserviceaccount.com".into()).await;
+    assert_ne!(other["keys"][0]["kid"], key_id.as_str());
+    assert_eq!(
+        get("/service_accounts/v1/metadata/jwk/ghost@p.iam.gserviceaccount.com".into())
+            .await
+            .0,
+        404
+    );
+    let (_, v1) = get("/oauth2/v1/certs".into()).await;
+    assert!(v1[oidc["keys"][0]["kid"].as_str().unwrap()].is_string());
+    emu.shutdown().await;
+}

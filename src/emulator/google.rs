@@ -46,6 +46,10 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
         .map(str::trim);
     match (&parts.method, path) {
         (&Method::GET, "/oauth2/v3/certs") => ok_json(&emu.signer.jwks()),
+        (&Method::GET, "/oauth2/v1/certs") => {
+            ok_json(&json!({ emu.signer.kid.clone(): emu.signer.certificate_pem }))
+        }
+        (&Method::GET, p) if p.starts_with("/service_accounts/v1/") => public_keys(emu, p),
         (_, "/tokeninfo") => {
             count(&emu.stats.tokeninfo);
             let form = if parts.method == Method::POST {
@@ -99,6 +103,34 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
             })
             .await
         }
+        _ => google_error(404, "NOT_FOUND", "Not found."),
+    }
+}
+
+/// `/service_accounts/v1/metadata/{x509,jwk,raw}/EMAIL` (and `/service_accounts/v1/jwk/EMAIL`):
+/// the account's Google-managed public key in the three formats Google documents for checking
+/// signBlob and signJwt output; the OIDC key under its own account name.
+fn public_keys(emu: &Emulator, path: &str) -> Resp {
+    let rest = path.trim_start_matches("/service_accounts/v1/");
+    let rest = rest.strip_prefix("metadata/").unwrap_or(rest);
+    let Some((format, email)) = rest.split_once('/') else {
+        return google_error(404, "NOT_FOUND", "Not found.");
+    };
+    let email = percent_decode(email);
+    let key = if email.eq_ignore_ascii_case(super::OIDC_SIGNER) {
+        None
+    } else {
+        match emu.account_key(&email) {
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => return google_error(500, "INTERNAL", &e.to_string()),
+            None => return google_error(404, "NOT_FOUND", "Not found."),
+        }
+    };
+    let signer: &jwt::Signer = key.as_deref().unwrap_or(&emu.signer);
+    match format {
+        "x509" => ok_json(&json!({ signer.kid.clone(): signer.certificate_pem })),
+        "jwk" => ok_json(&signer.jwks()),
+        "raw" => ok_json(&json!({"keyvalues": [signer.raw()]})),
         _ => google_error(404, "NOT_FOUND", "Not found."),
     }
 }

@@ -260,21 +260,44 @@ pub(super) fn iam(
                 Err(e) => google_error(500, "INTERNAL", &e.to_string()),
             }
         }
-        "signJwt" => match emu.signer.jwt(&jwt_claims) {
-            Ok(t) => ok_json(&json!({"keyId": emu.signer.kid, "signedJwt": t})),
-            Err(e) => google_error(500, "INTERNAL", &e.to_string()),
-        },
+        "signJwt" => {
+            let key = match signing_key(emu, target) {
+                Ok(k) => k,
+                Err(r) => return *r,
+            };
+            match key.jwt(&jwt_claims) {
+                Ok(t) => ok_json(&json!({"keyId": key.kid, "signedJwt": t})),
+                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
+            }
+        }
         _ => {
             use base64::Engine as _;
             let payload = req.get("payload").and_then(Value::as_str).unwrap_or("");
             let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(payload) else {
                 return bad_request("Payload is not valid base64.");
             };
-            match emu.signer.sign_blob(&blob) {
-                Ok(s) => ok_json(&json!({"keyId": emu.signer.kid, "signedBlob": s})),
+            let key = match signing_key(emu, target) {
+                Ok(k) => k,
+                Err(r) => return *r,
+            };
+            match key.sign_blob(&blob) {
+                Ok(s) => ok_json(&json!({"keyId": key.kid, "signedBlob": s})),
                 Err(e) => google_error(500, "INTERNAL", &e.to_string()),
             }
         }
+    }
+}
+
+/// The target's own Google-managed key: signJwt and signBlob output verifies only against
+/// the keys published for that account, never against the OIDC key.
+fn signing_key(
+    emu: &Emulator,
+    sa: &ServiceAccount,
+) -> Result<std::sync::Arc<super::jwt::Signer>, Box<Resp>> {
+    match emu.account_key(&sa.email) {
+        Some(Ok(k)) => Ok(k),
+        Some(Err(e)) => Err(Box::new(google_error(500, "INTERNAL", &e.to_string()))),
+        None => Err(Box::new(not_found(&sa.email))),
     }
 }
 

@@ -117,9 +117,16 @@ impl TokenInfo {
     }
 }
 
+/// Whose key signs Google's ID tokens (its certificates are served under this name too).
+pub const OIDC_SIGNER: &str = "federated-signon@system.gserviceaccount.com";
+
 pub(crate) struct Emulator {
     pub policy: Policy,
+    /// The OIDC key: ID tokens only, published at `/oauth2/v3/certs` and `/oauth2/v1/certs`.
     pub signer: jwt::Signer,
+    /// Each service account's Google-managed key (signJwt, signBlob), made on first use and
+    /// published at `/service_accounts/v1/metadata/{x509,jwk,raw}/EMAIL`. Keyed by lowercase email.
+    pub account_keys: DashMap<String, Arc<jwt::Signer>>,
     pub tokens: DashMap<String, TokenInfo>,
     pub stats: Arc<Stats>,
     pub faults: Arc<Faults>,
@@ -172,6 +179,35 @@ impl Drop for EmulatorHandle {
 }
 
 impl Emulator {
+    /// The Google-managed key of a service account the emulator knows (the policy's accounts
+    /// and the metadata instance's), or None.
+    pub(crate) fn account_key(
+        &self,
+        email: &str,
+    ) -> Option<Result<Arc<jwt::Signer>, EmulatorError>> {
+        let known = self
+            .policy
+            .account(email)
+            .map(|sa| sa.email.clone())
+            .or_else(|| {
+                self.policy
+                    .metadata
+                    .as_ref()
+                    .filter(|m| m.service_account.eq_ignore_ascii_case(email))
+                    .map(|m| m.service_account.clone())
+            })?;
+        let id = known.to_ascii_lowercase();
+        if let Some(k) = self.account_keys.get(&id) {
+            return Some(Ok(k.clone()));
+        }
+        // Made here, on the request: an RSA-2048 key takes milliseconds, once per account.
+        let key = match jwt::Signer::generate(&known) {
+            Ok(k) => Arc::new(k),
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Ok(self.account_keys.entry(id).or_insert(key).clone()))
+    }
+
     pub(crate) fn lookup(&self, token: &str) -> Option<TokenInfo> {
         self.tokens
             .get(token)
@@ -188,12 +224,13 @@ pub async fn start(listener: TcpListener, policy: Policy) -> Result<EmulatorHand
     faults.set_latency(policy.faults.latency.unwrap_or_default());
     faults.set_burst_429(policy.faults.burst_429);
     faults.set_down(policy.faults.down);
-    let signer = tokio::task::spawn_blocking(jwt::Signer::generate)
+    let signer = tokio::task::spawn_blocking(|| jwt::Signer::generate(OIDC_SIGNER))
         .await
         .map_err(|e| EmulatorError::Crypto(e.to_string()))??;
     let inner = Arc::new(Emulator {
         policy,
         signer,
+        account_keys: DashMap::new(),
         tokens: DashMap::new(),
         stats: Arc::new(Stats::default()),
         faults,
