@@ -199,7 +199,12 @@ blob_verified = any(
 verified = id_token.verify_token(
     id_creds.token, request, audience="https://svc.example.com",
     certs_url=os.environ["EMULATOR"] + "/oauth2/v1/certs")
+# An ID token straight from the key file: the JWT-bearer grant with target_audience.
+key_id_creds = service_account.IDTokenCredentials.from_service_account_file(
+    os.environ["KEY_FILE"], target_audience="https://key.example.com")
+key_id_creds.refresh(request)
 print(json.dumps({{
+    "key_id_token": key_id_creds.token,
     "blob_verified": blob_verified,
     "verified_email": verified["email"],
     "access_token": creds.token,

@@ -1034,3 +1034,125 @@ async fn each_account_signs_with_its_own_published_key() {
     assert!(v1[oidc["keys"][0]["kid"].as_str().unwrap()].is_string());
     emu.shutdown().await;
 }
+
+/// Sign `claims` as a key file's holder would (RS256 with the file's private key and kid).
+fn assertion(key: &emulator::ServiceAccountKey, claims: &Value) -> String {
+    use base64::Engine as _;
+    use rustls::pki_types::pem::PemObject;
+    let file: Value = serde_json::from_str(&key.key_file_json).unwrap();
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from_pem_slice(
+        file["private_key"].as_str().unwrap().as_bytes(),
+    )
+    .unwrap();
+    let kp = aws_lc_rs::rsa::KeyPair::from_pkcs8(der.secret_pkcs8_der()).unwrap();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = json!({"alg": "RS256", "typ": "JWT", "kid": key.key_id});
+    let input = format!(
+        "{}.{}",
+        b64.encode(header.to_string()),
+        b64.encode(claims.to_string())
+    );
+    let mut sig = vec![0; kp.public_modulus_len()];
+    kp.sign(
+        &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+        &aws_lc_rs::rand::SystemRandom::new(),
+        input.as_bytes(),
+        &mut sig,
+    )
+    .unwrap();
+    format!("{input}.{}", b64.encode(sig))
+}
+
+/// Looser item 5 and stricter item 7: the JWT-bearer grant checks the audience exactly, the
+/// `iat`/`exp` window (an hour at most), and answers Google's messages; `target_audience`
+/// gets an ID token.
+#[tokio::test]
+async fn jwt_bearer_grant_is_as_strict_as_google() {
+    impersonate_proxy::install_crypto_provider();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let sa = "keyed@p.iam.gserviceaccount.com";
+    let key = emulator::new_service_account_key(sa, &format!("{url}/token")).unwrap();
+    let policy = format!(
+        "service_accounts:\n  - email: {sa}\n    public_keys: {{ {}: {:?} }}\n",
+        key.key_id, key.public_key_pem
+    );
+    let emu = emulator::start(l, Policy::from_yaml(&policy).unwrap())
+        .await
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let grant = |claims: Value| {
+        let a = assertion(&key, &claims);
+        let url = format!("{}/token", emu.url());
+        async move {
+            let r = http()
+                .post(url)
+                .form(&[
+                    ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                    ("assertion", a.as_str()),
+                ])
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let token_uri = format!("{}/token", emu.url());
+    let good = json!({"iss": sa, "aud": token_uri, "iat": now, "exp": now + 3600, "scope": SCOPE});
+    let (code, v) = grant(good.clone()).await;
+    assert_eq!(code, 200, "{v}");
+    assert!(v["access_token"].as_str().unwrap().starts_with("ya29."));
+    // Google's own token URI is an accepted audience too; anything else ending in /token not.
+    let mut c = good.clone();
+    c["aud"] = json!("https://oauth2.googleapis.com/token");
+    assert_eq!(grant(c).await.0, 200);
+    let mut c = good.clone();
+    c["aud"] = json!("https://evil.example.com/token");
+    let (code, v) = grant(c).await;
+    assert_eq!((code, v["error"].as_str()), (400, Some("invalid_grant")));
+    assert_eq!(
+        v["error_description"],
+        "Invalid JWT: Failed audience check."
+    );
+    // Over an hour, or without iat: Google's short-lived message.
+    for c in [
+        json!({"iss": sa, "aud": token_uri, "iat": now, "exp": now + 7200, "scope": SCOPE}),
+        json!({"iss": sa, "aud": token_uri, "exp": now + 600, "scope": SCOPE}),
+    ] {
+        let (code, v) = grant(c).await;
+        assert_eq!(code, 400, "{v}");
+        assert!(
+            v["error_description"]
+                .as_str()
+                .unwrap()
+                .starts_with("Invalid JWT: Token must be a short-lived token (60 minutes)"),
+            "{v}"
+        );
+    }
+    // An unknown issuer: "account not found", not a signature error.
+    let mut c = good.clone();
+    c["iss"] = json!("ghost@p.iam.gserviceaccount.com");
+    let (code, v) = grant(c).await;
+    assert_eq!(code, 400);
+    assert_eq!(v["error_description"], "Invalid grant: account not found");
+    // target_audience: an ID token for the account, verifiable by tokeninfo.
+    let (code, v) = grant(
+        json!({"iss": sa, "aud": token_uri, "iat": now, "exp": now + 3600,
+        "target_audience": "https://svc.example.com"}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let id = v["id_token"].as_str().unwrap();
+    let r = http()
+        .get(format!("{}/tokeninfo?id_token={id}", emu.url()))
+        .send()
+        .await
+        .unwrap();
+    let info: Value = r.json().await.unwrap();
+    assert_eq!(info["aud"], "https://svc.example.com");
+    assert_eq!(info["email"], sa);
+    emu.shutdown().await;
+}

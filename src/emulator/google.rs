@@ -13,8 +13,9 @@ use hyper::body::Incoming;
 use rand::Rng;
 use serde_json::{json, Value};
 
+use super::grant::{self, oauth_error};
 use super::policy::ServiceAccount;
-use super::{iam, instance, jwt, Emulator, Policy, TokenInfo};
+use super::{iam, instance, jwt, Emulator, TokenInfo};
 
 pub(super) type Resp = Response<Full<Bytes>>;
 
@@ -226,35 +227,7 @@ pub(super) fn verify_key_jwt<'a>(
 fn oauth_token(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
     let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
     match grant {
-        "urn:ietf:params:oauth:grant-type:jwt-bearer" => {
-            let assertion = form.get("assertion").map(String::as_str).unwrap_or("");
-            let Some((sa, claims)) = verify_key_jwt(emu, assertion) else {
-                return oauth_error(400, "invalid_grant", "Invalid JWT Signature.");
-            };
-            let aud_ok = claims
-                .get("aud")
-                .and_then(Value::as_str)
-                .is_some_and(|a| a.ends_with("/token"));
-            if !aud_ok {
-                return oauth_error(400, "invalid_grant", "Invalid JWT: Failed audience check.");
-            }
-            let scopes: Vec<String> = claims
-                .get("scope")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .split_whitespace()
-                .map(String::from)
-                .collect();
-            if scopes.is_empty() {
-                return oauth_error(400, "invalid_scope", "Empty or missing scope not allowed.");
-            }
-            let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
-            let scope = scopes.join(" ");
-            let token = issue(emu, &sa.email, scopes, secs, &Policy::unique_id(sa));
-            ok_json(
-                &json!({"access_token": token, "expires_in": secs, "token_type": "Bearer", "scope": scope}),
-            )
-        }
+        "urn:ietf:params:oauth:grant-type:jwt-bearer" => grant::jwt_bearer(emu, form),
         "refresh_token" => {
             let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
             let Some(user) = emu
@@ -451,13 +424,6 @@ pub(super) fn google_error(code: u16, status: &str, message: &str) -> Resp {
     json_response(
         code,
         &json!({"error": {"code": code, "message": message, "status": status, "details": []}}),
-    )
-}
-
-fn oauth_error(code: u16, error: &str, description: &str) -> Resp {
-    json_response(
-        code,
-        &json!({"error": error, "error_description": description}),
     )
 }
 

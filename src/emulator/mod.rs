@@ -7,10 +7,12 @@
 //! - `policy.rs`: the policy file (who may impersonate whom; test knobs).
 //! - `jwt.rs`: RS256 signing and verification, key files.
 //! - `google.rs`: routing, faults, OAuth2, STS, tokeninfo.
+//! - `grant.rs`: the JWT-bearer grant (key files: access tokens and ID tokens).
 //! - `iam.rs`: IAM Credentials (permissions hop by hop, scopes, request shapes).
 //! - `instance.rs`: the metadata instance behind [`crate::metadata`].
 
 mod google;
+mod grant;
 mod iam;
 mod instance;
 pub mod jwt;
