@@ -1156,3 +1156,67 @@ async fn jwt_bearer_grant_is_as_strict_as_google() {
     assert_eq!(info["email"], sa);
     emu.shutdown().await;
 }
+
+/// Stricter item 11: faults come from the policy file and from `/emulator/faults` while the
+/// emulator runs, so a user's CI can drive them without the Rust API.
+#[tokio::test]
+async fn faults_from_the_policy_and_the_control_endpoint() {
+    let emu = start(&format!("{POLICY}faults: {{ down: true }}\n")).await;
+    let faults = format!("{}/emulator/faults", emu.url());
+    let r = http()
+        .post(format!("{}/token", emu.url()))
+        .form(&[("grant_type", "refresh_token")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "down from the policy");
+    assert_eq!(http().delete(&faults).send().await.unwrap().status(), 200);
+    let alice = alice_token(&emu).await;
+    let target = "target@p.iam.gserviceaccount.com";
+    let mint = || generate(&emu, &alice, target, json!({"scope": [SCOPE]}));
+    let r = http()
+        .post(&faults)
+        .json(&json!({"burst_429": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mint().await.0, 429);
+    assert_eq!(mint().await.0, 429);
+    assert_eq!(mint().await.0, 200);
+    let r = http()
+        .post(&faults)
+        .json(&json!({"down": true, "latency": "20ms"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["down"], true);
+    assert_eq!(v["latency"], "20ms");
+    let (code, v) = mint().await;
+    assert_eq!(code, 503);
+    assert_google_error(&v, 503, "UNAVAILABLE");
+    let v: Value = http()
+        .get(&faults)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["down"], true);
+    // A bad update changes nothing.
+    let r = http()
+        .post(&faults)
+        .json(&json!({"down": false, "error_rate": 2.0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(mint().await.0, 503);
+    let r = http().delete(&faults).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(mint().await.0, 200);
+    emu.shutdown().await;
+}

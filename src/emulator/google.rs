@@ -46,6 +46,19 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     match (&parts.method, path) {
+        // The emulator's own control endpoint (not Google's): faults while it runs.
+        (&Method::GET, "/emulator/faults") => ok_json(&emu.faults.snapshot()),
+        (&Method::DELETE, "/emulator/faults") => {
+            emu.faults.clear();
+            ok_json(&emu.faults.snapshot())
+        }
+        (&Method::POST | &Method::PUT, "/emulator/faults") => {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            match emu.faults.update(&v) {
+                Ok(()) => ok_json(&emu.faults.snapshot()),
+                Err(m) => google_error(400, "INVALID_ARGUMENT", &m),
+            }
+        }
         (&Method::GET, "/oauth2/v3/certs") => ok_json(&emu.signer.jwks()),
         (&Method::GET, "/oauth2/v1/certs") => {
             ok_json(&json!({ emu.signer.kid.clone(): emu.signer.certificate_pem }))

@@ -91,6 +91,64 @@ impl Faults {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
+    /// The current settings, as `GET /emulator/faults` shows them.
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error_rate": self.error_ppm.load(Ordering::SeqCst) as f64 / 1_000_000.0,
+            "latency": format!("{}ms", self.latency_ms.load(Ordering::SeqCst)),
+            "burst_429": self.burst_429.load(Ordering::SeqCst),
+            "down": self.down.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Apply `{"error_rate", "latency", "burst_429", "down"}` (any subset), all or nothing.
+    pub fn update(&self, v: &serde_json::Value) -> Result<(), String> {
+        let Some(obj) = v.as_object() else {
+            return Err("expected a JSON object".into());
+        };
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !["error_rate", "latency", "burst_429", "down"].contains(&k.as_str()))
+        {
+            return Err(format!("unknown key `{k}`"));
+        }
+        let rate = match obj.get("error_rate") {
+            None => None,
+            Some(r) => match r.as_f64() {
+                Some(r) if (0.0..=1.0).contains(&r) => Some(r),
+                _ => return Err("error_rate must be a number between 0 and 1".into()),
+            },
+        };
+        let latency = match obj.get("latency") {
+            None => None,
+            Some(serde_json::Value::String(s)) => {
+                Some(crate::config::parse_duration(s).map_err(|e| format!("latency: {e}"))?)
+            }
+            Some(_) => return Err("latency must be a duration like \"250ms\"".into()),
+        };
+        let burst = match obj.get("burst_429") {
+            None => None,
+            Some(n) => Some(n.as_u64().ok_or("burst_429 must be a whole number")?),
+        };
+        let down = match obj.get("down") {
+            None => None,
+            Some(b) => Some(b.as_bool().ok_or("down must be true or false")?),
+        };
+        if let Some(r) = rate {
+            self.set_error_rate(r);
+        }
+        if let Some(l) = latency {
+            self.set_latency(l);
+        }
+        if let Some(n) = burst {
+            self.set_burst_429(n);
+        }
+        if let Some(d) = down {
+            self.set_down(d);
+        }
+        Ok(())
+    }
+
     pub fn clear(&self) {
         self.set_error_rate(0.0);
         self.set_latency(Duration::ZERO);
