@@ -318,6 +318,8 @@ async fn metadata_sts_and_tokeninfo() {
         ("subject_token", subject),
         ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
         ("audience", "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/providers/gh"),
+        ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+        ("scope", "https://www.googleapis.com/auth/cloud-platform"),
     ]
     };
     let r = http
@@ -499,6 +501,12 @@ service_accounts:
   - email: user@p.iam.gserviceaccount.com
     bindings:
       - { role: roles/iam.serviceAccountUser, members: ["user:alice@example.com"] }
+  - email: wif@p.iam.gserviceaccount.com
+    bindings:
+      - role: roles/iam.workloadIdentityUser
+        members: ["principalSet://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/*"]
+external_subjects:
+  - { subject_token: oidc-from-ci, principal: "principal://iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/subject/job" }
 metadata:
   service_account: vm@p.iam.gserviceaccount.com
 "#;
@@ -1218,5 +1226,94 @@ async fn faults_from_the_policy_and_the_control_endpoint() {
     let r = http().delete(&faults).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(mint().await.0, 200);
+    emu.shutdown().await;
+}
+
+/// Looser item 6, stricter items 5 and 6: STS checks the audience and token types and needs
+/// a scope; it takes the documented camelCase JSON body; and the usual Workload Identity
+/// set-up (a `principalSet://…/POOL/*` binding) lets the pool's principals in.
+#[tokio::test]
+async fn sts_checks_its_request_and_principal_sets_match() {
+    let emu = start(ROLES_POLICY).await;
+    let sts = format!("{}/v1/token", emu.url());
+    let audience =
+        "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/ci/providers/gh";
+    let form = |audience: &str, subject_type: &str, scope: &str| {
+        vec![
+            (
+                "grant_type".to_string(),
+                "urn:ietf:params:oauth:grant-type:token-exchange".to_string(),
+            ),
+            ("audience".into(), audience.to_string()),
+            (
+                "requested_token_type".into(),
+                "urn:ietf:params:oauth:token-type:access_token".into(),
+            ),
+            ("subject_token".into(), "oidc-from-ci".into()),
+            ("subject_token_type".into(), subject_type.to_string()),
+            ("scope".into(), scope.to_string()),
+        ]
+    };
+    let post = |f: Vec<(String, String)>| {
+        let r = http().post(&sts).form(&f).send();
+        async move {
+            let r = r.await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let jwt_type = "urn:ietf:params:oauth:token-type:jwt";
+    let (code, v) = post(form("projects/1/pools/ci", jwt_type, SCOPE)).await;
+    assert_eq!(code, 400);
+    assert_eq!(v["error"], "invalid_request");
+    assert!(v["error_description"]
+        .as_str()
+        .unwrap()
+        .starts_with("Invalid value for \"audience\"."));
+    let (code, v) = post(form(audience, "urn:example:made-up", SCOPE)).await;
+    assert_eq!((code, v["error"].as_str()), (400, Some("invalid_request")));
+    let (code, _) = post(form(audience, jwt_type, "")).await;
+    assert_eq!(code, 400, "no scope");
+    let other_pool =
+        "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/other/providers/gh";
+    let (code, v) = post(form(other_pool, jwt_type, SCOPE)).await;
+    assert_eq!((code, v["error"].as_str()), (400, Some("invalid_grant")));
+    // The documented JSON body, camelCase.
+    let r = http()
+        .post(&sts)
+        .json(&json!({
+            "grantType": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "audience": audience,
+            "scope": SCOPE,
+            "requestedTokenType": "urn:ietf:params:oauth:token-type:access_token",
+            "subjectToken": "oidc-from-ci",
+            "subjectTokenType": jwt_type,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let federated = r.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // principalSet://…/ci/* holds Workload Identity User on `wif`, not Token Creator on `target`.
+    let (code, v) = call(
+        &emu,
+        &federated,
+        "projects/-/serviceAccounts/wif@p.iam.gserviceaccount.com",
+        "generateAccessToken",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
+    let (code, _) = call(
+        &emu,
+        &federated,
+        "projects/-/serviceAccounts/target@p.iam.gserviceaccount.com",
+        "generateAccessToken",
+        json!({"scope": [SCOPE]}),
+    )
+    .await;
+    assert_eq!(code, 403);
     emu.shutdown().await;
 }

@@ -98,7 +98,7 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
         }
         (&Method::POST, "/v1/token") => {
             count(&emu.stats.sts_token);
-            with_faults(emu, || sts_token(emu, &parse_form_or_json(&body))).await
+            with_faults(emu, || grant::sts(emu, &parse_form_or_json(&body))).await
         }
         (&Method::POST, p) if p.starts_with("/v1/projects/") => {
             let Some((project, account, verb)) = iam::parse_iam_path(p) else {
@@ -273,43 +273,6 @@ fn oauth_token(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
     }
 }
 
-fn sts_token(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
-    if form.get("grant_type").map(String::as_str)
-        != Some("urn:ietf:params:oauth:grant-type:token-exchange")
-    {
-        return oauth_error(
-            400,
-            "unsupported_grant_type",
-            "The grant type is not supported.",
-        );
-    }
-    let subject = form.get("subject_token").map(String::as_str).unwrap_or("");
-    let Some(ext) = emu
-        .policy
-        .external_subjects
-        .iter()
-        .find(|s| s.subject_token == subject)
-    else {
-        return oauth_error(
-            400,
-            "invalid_grant",
-            "The subject token is invalid or not accepted by the workload identity pool.",
-        );
-    };
-    let scopes: Vec<String> = form
-        .get("scope")
-        .map(|s| s.split_whitespace().map(String::from).collect())
-        .unwrap_or_else(|| vec![crate::config::CLOUD_PLATFORM_SCOPE.to_string()]);
-    let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
-    let token = issue(emu, &ext.principal, scopes, secs, "sts");
-    ok_json(&json!({
-        "access_token": token,
-        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
-        "token_type": "Bearer",
-        "expires_in": secs,
-    }))
-}
-
 fn tokeninfo(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
     let invalid = || oauth_error(400, "invalid_token", "Invalid Value");
     if let Some(t) = form.get("access_token") {
@@ -409,14 +372,29 @@ fn parse_form(body: &[u8]) -> HashMap<String, String> {
     url::form_urlencoded::parse(body).into_owned().collect()
 }
 
+/// A form body, or a JSON object whose camelCase names (STS's documented JSON body:
+/// `grantType`, `subjectToken`, …) become the form's snake_case ones.
 fn parse_form_or_json(body: &[u8]) -> HashMap<String, String> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => map
             .into_iter()
-            .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string())))
+            .filter_map(|(k, v)| v.as_str().map(|s| (snake_case(&k), s.to_string())))
             .collect(),
         _ => parse_form(body),
     }
+}
+
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 pub(super) fn json_response(code: u16, body: &Value) -> Resp {

@@ -1,4 +1,4 @@
-//! The OAuth2 JWT-bearer grant (`/token`, RFC 7523) as Google's token endpoint runs it for a
+//! The token grants: STS token exchange (`/v1/token`) and the OAuth2 JWT-bearer grant (`/token`, RFC 7523) as Google's token endpoint runs it for a
 //! service-account key: the assertion's issuer must be a known account, its signature a key of
 //! that account, its `aud` the token endpoint, its `iat`/`exp` at most an hour apart around
 //! now; it carries either `scope` (an access token) or `target_audience` (an ID token, what
@@ -106,4 +106,81 @@ pub(super) fn jwt_bearer(emu: &Emulator, form: &HashMap<String, String>) -> Resp
     ok_json(
         &json!({"access_token": token, "expires_in": secs, "token_type": "Bearer", "scope": scope}),
     )
+}
+
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// The subject token types the STS reference lists.
+const SUBJECT_TOKEN_TYPES: &[&str] = &[
+    "urn:ietf:params:oauth:token-type:jwt",
+    "urn:ietf:params:oauth:token-type:id_token",
+    "urn:ietf:params:oauth:token-type:saml2",
+    "urn:ietf:params:aws:token-type:aws4_request",
+    "urn:ietf:params:oauth:token-type:access_token",
+];
+
+/// The pool an STS audience names: `//iam.googleapis.com/projects/N/locations/global/
+/// workloadIdentityPools/P/providers/R` → `projects/N/locations/global/workloadIdentityPools/P`
+/// (workforce pools: `locations/global/workforcePools/P`).
+fn audience_pool(audience: &str) -> Option<&str> {
+    let rest = audience.strip_prefix("//iam.googleapis.com/")?;
+    let (pool, provider) = rest.rsplit_once("/providers/")?;
+    let workload = pool.starts_with("projects/")
+        && pool.contains("/locations/")
+        && pool.contains("/workloadIdentityPools/");
+    let workforce = pool.starts_with("locations/") && pool.contains("/workforcePools/");
+    ((workload || workforce) && !provider.is_empty() && !provider.contains('/')).then_some(pool)
+}
+
+/// STS `token` (RFC 8693), form or JSON body: every field the reference marks required is
+/// checked, the audience must name a provider, and the subject token must be one the policy
+/// accepts for a principal of that audience's pool.
+pub(super) fn sts(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
+    let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    let invalid_request = |m: &str| oauth_error(400, "invalid_request", m);
+    if get("grant_type") != TOKEN_EXCHANGE {
+        return oauth_error(
+            400,
+            "unsupported_grant_type",
+            "The grant type is not supported.",
+        );
+    }
+    let Some(pool) = audience_pool(get("audience")) else {
+        return invalid_request("Invalid value for \"audience\". This value should be the full resource name of the Identity Provider. See https://cloud.google.com/iam/docs/reference/sts/rest/v1/TopLevel/token for the list of possible formats.");
+    };
+    if get("requested_token_type") != ACCESS_TOKEN_TYPE {
+        return invalid_request(&format!(
+            "Invalid value for \"requested_token_type\": expected {ACCESS_TOKEN_TYPE}."
+        ));
+    }
+    if !SUBJECT_TOKEN_TYPES.contains(&get("subject_token_type")) {
+        return invalid_request("Invalid value for \"subject_token_type\".");
+    }
+    let scopes: Vec<String> = get("scope").split_whitespace().map(String::from).collect();
+    if scopes.is_empty() {
+        return oauth_error(400, "invalid_scope", "Empty or missing scope not allowed.");
+    }
+    let subject = get("subject_token");
+    let accepted = emu.policy.external_subjects.iter().find(|s| {
+        s.subject_token == subject
+            && s.principal
+                .strip_prefix("principal://iam.googleapis.com/")
+                .and_then(|p| p.strip_prefix(pool))
+                .is_some_and(|rest| rest.starts_with("/subject/"))
+    });
+    let Some(ext) = accepted else {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            "The subject token is invalid or not accepted by the workload identity pool.",
+        );
+    };
+    let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
+    let token = issue(emu, &ext.principal, scopes, secs, "sts");
+    ok_json(&json!({
+        "access_token": token,
+        "issued_token_type": ACCESS_TOKEN_TYPE,
+        "token_type": "Bearer",
+        "expires_in": secs,
+    }))
 }
