@@ -13,6 +13,7 @@ service_accounts:
   - email: hop@p.iam.gserviceaccount.com
     token_creators: ["user:alice@example.com"]
   - email: middle@p.iam.gserviceaccount.com
+    unique_id: "100000000000000000042"
     implicit_delegators: ["serviceAccount:hop@p.iam.gserviceaccount.com"]
   - email: target@p.iam.gserviceaccount.com
     token_creators: ["serviceAccount:middle@p.iam.gserviceaccount.com", "user:alice@example.com"]
@@ -816,6 +817,18 @@ async fn request_shapes_google_accepts_and_refuses() {
             .principal,
         "target@p.iam.gserviceaccount.com"
     );
+    // …and in delegates: alice -> hop -> middle (by its unique id) -> target.
+    let (code, v) = call(
+        &emu,
+        &alice,
+        target,
+        "generateAccessToken",
+        json!({"scope": [SCOPE],
+        "delegates": ["projects/-/serviceAccounts/hop@p.iam.gserviceaccount.com",
+                      "projects/-/serviceAccounts/100000000000000000042"]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{v}");
     // `projects/-` is required: "replacing it with a project ID is invalid".
     let (code, v) = call(
         &emu,
