@@ -1,4 +1,4 @@
-//! The emulated endpoints. Error bodies follow Google: IAM answers
+//! Routing for the emulated endpoints, and the smaller ones. Error bodies follow Google: IAM answers
 //! `{"error":{"code","message","status","details"}}`, OAuth2/STS/tokeninfo answer
 //! `{"error","error_description"}`.
 

@@ -2,12 +2,14 @@
 //! one plain-HTTP port: IAM Credentials v1 (`generateAccessToken`, `generateIdToken`,
 //! `signJwt`, `signBlob`), the OAuth2 token endpoint (`/token`: JWT-bearer and refresh-token
 //! grants), STS (`/v1/token`: token exchange), the metadata server (`/computeMetadata/v1/…`),
-//! tokeninfo (`/tokeninfo`) and a JWKS (`/oauth2/v3/certs`).
+//! tokeninfo (`/tokeninfo`), the OIDC keys (`/oauth2/v3/certs`, `/oauth2/v1/certs`), each
+//! service account's public keys (`/service_accounts/v1/metadata/{x509,jwk,raw}/EMAIL`), and its
+//! own control endpoint for faults (`/emulator/faults`).
 //!
-//! - `policy.rs`: the policy file (who may impersonate whom; test knobs).
-//! - `jwt.rs`: RS256 signing and verification, key files.
-//! - `google.rs`: routing, faults, OAuth2, STS, tokeninfo.
-//! - `grant.rs`: the JWT-bearer grant (key files: access tokens and ID tokens).
+//! - `policy.rs`: the policy file (allow policies per account, roles; test knobs).
+//! - `jwt.rs`: RS256 signing and verification, certificates, key files.
+//! - `google.rs`: routing, faults, public keys, the refresh-token grant, tokeninfo.
+//! - `grant.rs`: STS and the JWT-bearer grant (key files: access tokens and ID tokens).
 //! - `iam.rs`: IAM Credentials (permissions hop by hop, scopes, request shapes).
 //! - `instance.rs`: the metadata instance behind [`crate::metadata`].
 
