@@ -34,16 +34,19 @@ users:
     refresh_token: demo-refresh-token
 service_accounts:
   - email: hop@demo-project.iam.gserviceaccount.com
-    token_creators: ["user:alice@example.com"]
+    bindings:
+      - { role: roles/iam.serviceAccountTokenCreator, members: ["user:alice@example.com"] }
   - email: reader@demo-project.iam.gserviceaccount.com
-    token_creators: ["serviceAccount:hop@demo-project.iam.gserviceaccount.com"]
+    bindings:
+      - { role: roles/iam.serviceAccountTokenCreator, members: ["serviceAccount:hop@demo-project.iam.gserviceaccount.com"] }
   - email: bq-jobs@demo-project.iam.gserviceaccount.com
-    token_creators: ["user:alice@example.com"]
+    bindings:
+      - { role: roles/iam.serviceAccountTokenCreator, members: ["user:alice@example.com"] }
     lifetime_extension: true
   - email: dev@demo-project.iam.gserviceaccount.com
-    token_creators: ["user:alice@example.com"]
+    bindings:
+      - { role: roles/iam.serviceAccountTokenCreator, members: ["user:alice@example.com"] }
   - email: locked@demo-project.iam.gserviceaccount.com
-    token_creators: []
 metadata:
   service_account: dev@demo-project.iam.gserviceaccount.com
 "#;

@@ -15,6 +15,7 @@
 //! - [`emulator`]: an offline IAM Credentials + OAuth2 + metadata server with Google's semantics.
 //! - [`facade`]: what Google's client libraries need to run unchanged: placeholder credentials.
 //! - [`onboard`]: `env`: the lines and files each client family needs to use and trust the proxy.
+//! - [`metadata`]: the GCE metadata-server protocol, served by the emulator and the facade.
 //! - [`origin`]: a local TLS origin standing in for `*.googleapis.com` (demo, tests, benches).
 
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod config;
 pub mod demo;
 pub mod emulator;
 pub mod facade;
+pub mod metadata;
 pub mod onboard;
 pub mod origin;
 pub mod proxy;

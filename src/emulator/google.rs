@@ -1,4 +1,4 @@
-//! The emulated endpoints. Error bodies follow Google: IAM answers
+//! Routing for the emulated endpoints, and the smaller ones. Error bodies follow Google: IAM answers
 //! `{"error":{"code","message","status","details"}}`, OAuth2/STS/tokeninfo answer
 //! `{"error","error_description"}`.
 
@@ -13,14 +13,15 @@ use hyper::body::Incoming;
 use rand::Rng;
 use serde_json::{json, Value};
 
+use super::grant::{self, oauth_error};
 use super::policy::ServiceAccount;
-use super::{jwt, Emulator, Policy, TokenInfo};
+use super::{iam, instance, jwt, Emulator, TokenInfo};
 
-type Resp = Response<Full<Bytes>>;
+pub(super) type Resp = Response<Full<Bytes>>;
 
 const MAX_BODY: usize = 1 << 20;
-const DEFAULT_LIFETIME: u64 = 3600;
-const EXTENDED_LIFETIME: u64 = 43_200;
+pub(super) const DEFAULT_LIFETIME: u64 = 3600;
+pub(super) const EXTENDED_LIFETIME: u64 = 43_200;
 const USER_SCOPES: &str =
     "openid https://www.googleapis.com/auth/userinfo.email https://www.googleapis.com/auth/cloud-platform";
 
@@ -44,13 +45,25 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let flavor_ok = parts
-        .headers
-        .get("metadata-flavor")
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"Google"));
-
     match (&parts.method, path) {
+        // The emulator's own control endpoint (not Google's): faults while it runs.
+        (&Method::GET, "/emulator/faults") => ok_json(&emu.faults.snapshot()),
+        (&Method::DELETE, "/emulator/faults") => {
+            emu.faults.clear();
+            ok_json(&emu.faults.snapshot())
+        }
+        (&Method::POST | &Method::PUT, "/emulator/faults") => {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            match emu.faults.update(&v) {
+                Ok(()) => ok_json(&emu.faults.snapshot()),
+                Err(m) => google_error(400, "INVALID_ARGUMENT", &m),
+            }
+        }
         (&Method::GET, "/oauth2/v3/certs") => ok_json(&emu.signer.jwks()),
+        (&Method::GET, "/oauth2/v1/certs") => {
+            ok_json(&json!({ emu.signer.kid.clone(): emu.signer.certificate_pem }))
+        }
+        (&Method::GET, p) if p.starts_with("/service_accounts/v1/") => public_keys(emu, p),
         (_, "/tokeninfo") => {
             count(&emu.stats.tokeninfo);
             let form = if parts.method == Method::POST {
@@ -60,21 +73,24 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
             };
             tokeninfo(emu, &form)
         }
-        (&Method::GET, "/") | (&Method::GET, "/computeMetadata/v1/") => {
-            let mut r = text(200, "computeMetadata/\n");
-            r.headers_mut()
-                .insert("metadata-flavor", HeaderValue::from_static("Google"));
-            r
-        }
-        (&Method::GET, p) if p.starts_with("/computeMetadata/v1/") => {
-            if !flavor_ok {
-                return text(
-                    403,
-                    "Missing required header \"Metadata-Flavor\": \"Google\"\n",
-                );
+        (_, p) if crate::metadata::is_metadata_path(p) => {
+            if emu.policy.metadata.is_none() {
+                // No instance: answer as a host that is not a metadata server.
+                return text(404, "Not Found\n");
             }
-            let p = p.to_string();
-            with_faults(emu, || metadata(emu, &p, query)).await
+            if let Some(mut r) = fault(emu).await {
+                // The metadata server marks its errors too.
+                r.headers_mut()
+                    .insert("metadata-flavor", HeaderValue::from_static("Google"));
+                return r;
+            }
+            crate::metadata::serve(
+                &instance::EmulatedInstance(emu),
+                &parts.method,
+                &parts.uri,
+                &parts.headers,
+            )
+            .await
         }
         (&Method::POST, "/token") => {
             count(&emu.stats.oauth_token);
@@ -82,10 +98,10 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
         }
         (&Method::POST, "/v1/token") => {
             count(&emu.stats.sts_token);
-            with_faults(emu, || sts_token(emu, &parse_form_or_json(&body))).await
+            with_faults(emu, || grant::sts(emu, &parse_form_or_json(&body))).await
         }
         (&Method::POST, p) if p.starts_with("/v1/projects/") => {
-            let Some((account, verb)) = parse_iam_path(p) else {
+            let Some((project, account, verb)) = iam::parse_iam_path(p) else {
                 return google_error(404, "NOT_FOUND", "Unknown IAM Credentials method.");
             };
             let counter = match verb.as_str() {
@@ -96,8 +112,39 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
                 _ => return google_error(404, "NOT_FOUND", "Unknown IAM Credentials method."),
             };
             count(counter);
-            with_faults(emu, || iam(emu, &account, &verb, bearer, &body)).await
+            with_faults(emu, || {
+                iam::iam(emu, &project, &account, &verb, bearer, &body)
+            })
+            .await
         }
+        _ => google_error(404, "NOT_FOUND", "Not found."),
+    }
+}
+
+/// `/service_accounts/v1/metadata/{x509,jwk,raw}/EMAIL` (and `/service_accounts/v1/jwk/EMAIL`):
+/// the account's Google-managed public key in the three formats Google documents for checking
+/// signBlob and signJwt output; the OIDC key under its own account name.
+fn public_keys(emu: &Emulator, path: &str) -> Resp {
+    let rest = path.trim_start_matches("/service_accounts/v1/");
+    let rest = rest.strip_prefix("metadata/").unwrap_or(rest);
+    let Some((format, email)) = rest.split_once('/') else {
+        return google_error(404, "NOT_FOUND", "Not found.");
+    };
+    let email = percent_decode(email);
+    let key = if email.eq_ignore_ascii_case(super::OIDC_SIGNER) {
+        None
+    } else {
+        match emu.account_key(&email) {
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => return google_error(500, "INTERNAL", &e.to_string()),
+            None => return google_error(404, "NOT_FOUND", "Not found."),
+        }
+    };
+    let signer: &jwt::Signer = key.as_deref().unwrap_or(&emu.signer);
+    match format {
+        "x509" => ok_json(&json!({ signer.kid.clone(): signer.certificate_pem })),
+        "jwk" => ok_json(&signer.jwks()),
+        "raw" => ok_json(&json!({"keyvalues": [signer.raw()]})),
         _ => google_error(404, "NOT_FOUND", "Not found."),
     }
 }
@@ -106,8 +153,20 @@ fn count(c: &AtomicU64) {
     c.fetch_add(1, Ordering::SeqCst);
 }
 
+pub(super) fn count_metadata_token(emu: &Emulator) {
+    count(&emu.stats.metadata_token);
+}
+
 /// Latency, outages, 429 bursts and random errors, applied before the real answer.
 async fn with_faults(emu: &Emulator, answer: impl FnOnce() -> Resp) -> Resp {
+    match fault(emu).await {
+        Some(r) => r,
+        None => answer(),
+    }
+}
+
+/// The injected fault for this call, if any (after the injected latency).
+async fn fault(emu: &Emulator) -> Option<Resp> {
     let f = &emu.faults;
     let latency = f.latency_ms.load(Ordering::SeqCst);
     if latency > 0 {
@@ -115,18 +174,22 @@ async fn with_faults(emu: &Emulator, answer: impl FnOnce() -> Resp) -> Resp {
     }
     if f.down.load(Ordering::SeqCst) {
         count(&emu.stats.failures_injected);
-        return google_error(503, "UNAVAILABLE", "The service is currently unavailable.");
+        return Some(google_error(
+            503,
+            "UNAVAILABLE",
+            "The service is currently unavailable.",
+        ));
     }
     let burst = f
         .burst_429
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
     if burst.is_ok() {
         count(&emu.stats.failures_injected);
-        return google_error(
+        return Some(google_error(
             429,
             "RESOURCE_EXHAUSTED",
             "Quota exceeded for quota metric 'Token requests'.",
-        );
+        ));
     }
     let ppm = f.error_ppm.load(Ordering::SeqCst);
     if ppm > 0 {
@@ -137,274 +200,21 @@ async fn with_faults(emu: &Emulator, answer: impl FnOnce() -> Resp) -> Resp {
             .unwrap_or(0);
         if roll < ppm {
             count(&emu.stats.failures_injected);
-            return google_error(503, "UNAVAILABLE", "The service is currently unavailable.");
+            return Some(google_error(
+                503,
+                "UNAVAILABLE",
+                "The service is currently unavailable.",
+            ));
         }
     }
-    answer()
-}
-
-// ---------------------------------------------------------------- IAM Credentials
-
-/// `/v1/projects/-/serviceAccounts/EMAIL:verb` → (EMAIL, verb).
-fn parse_iam_path(p: &str) -> Option<(String, String)> {
-    let rest = p.strip_prefix("/v1/projects/")?;
-    let (_project, rest) = rest.split_once("/serviceAccounts/")?;
-    let (account, verb) = rest.rsplit_once(':')?;
-    Some((percent_decode(account), verb.to_string()))
-}
-
-fn iam(emu: &Emulator, account: &str, verb: &str, bearer: Option<&str>, body: &[u8]) -> Resp {
-    let Some(caller) = bearer.and_then(|t| authenticate(emu, t)) else {
-        return google_error(
-            401,
-            "UNAUTHENTICATED",
-            "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or other valid authentication credential.",
-        );
-    };
-    let req: Value = match serde_json::from_slice(body) {
-        Ok(v @ Value::Object(_)) => v,
-        _ => return google_error(400, "INVALID_ARGUMENT", "Invalid JSON payload received."),
-    };
-    // Validate arguments before looking anything up, as Google does.
-    let mut delegates = Vec::new();
-    if let Some(list) = req.get("delegates") {
-        let Some(list) = list.as_array() else {
-            return google_error(400, "INVALID_ARGUMENT", "Invalid value at 'delegates'.");
-        };
-        for d in list {
-            let d = d.as_str().unwrap_or("");
-            match d.strip_prefix("projects/-/serviceAccounts/") {
-                Some(email) if !email.is_empty() => delegates.push(email.to_string()),
-                _ => {
-                    return google_error(
-                        400,
-                        "INVALID_ARGUMENT",
-                        &format!("Invalid form of account ID {d}. Should be [Gaia ID |Email |Unique ID |] of the account"),
-                    )
-                }
-            }
-        }
-    }
-    let permission = match verb {
-        "generateAccessToken" => "iam.serviceAccounts.getAccessToken",
-        "generateIdToken" => "iam.serviceAccounts.getOpenIdToken",
-        "signJwt" => "iam.serviceAccounts.signJwt",
-        _ => "iam.serviceAccounts.signBlob",
-    };
-    let mut lifetime = DEFAULT_LIFETIME;
-    let mut scopes = Vec::new();
-    match verb {
-        "generateAccessToken" => {
-            scopes = req
-                .get("scope")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(String::from)
-                        .collect()
-                })
-                .unwrap_or_default();
-            if scopes.is_empty() {
-                return google_error(400, "INVALID_ARGUMENT", "Scope required.");
-            }
-            if let Some(l) = req.get("lifetime") {
-                match l.as_str().and_then(parse_lifetime) {
-                    Some(secs) if secs > 0 => lifetime = secs,
-                    _ => return google_error(400, "INVALID_ARGUMENT", "Invalid value at 'lifetime' (type.googleapis.com/google.protobuf.Duration)."),
-                }
-            }
-            if lifetime > EXTENDED_LIFETIME {
-                return google_error(400, "INVALID_ARGUMENT", &format!("The lifetime requested ({lifetime}s) exceeds the maximum allowed of {EXTENDED_LIFETIME}s."));
-            }
-        }
-        "generateIdToken" => {
-            if req
-                .get("audience")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .is_empty()
-            {
-                return google_error(400, "INVALID_ARGUMENT", "Audience is required.");
-            }
-        }
-        "signJwt" => {
-            if req.get("payload").and_then(Value::as_str).is_none() {
-                return google_error(400, "INVALID_ARGUMENT", "Payload is required.");
-            }
-        }
-        _ => {
-            if req.get("payload").and_then(Value::as_str).is_none() {
-                return google_error(400, "INVALID_ARGUMENT", "Payload is required.");
-            }
-        }
-    }
-
-    // Every account in the chain must exist.
-    let Some(target) = emu.policy.account(account) else {
-        return google_error(
-            404,
-            "NOT_FOUND",
-            &format!("Not found; Gaia id not found for email {account}"),
-        );
-    };
-    let mut chain: Vec<&ServiceAccount> = Vec::with_capacity(delegates.len() + 1);
-    for d in &delegates {
-        match emu.policy.account(d) {
-            Some(sa) => chain.push(sa),
-            None => {
-                return google_error(
-                    404,
-                    "NOT_FOUND",
-                    &format!("Not found; Gaia id not found for email {d}"),
-                )
-            }
-        }
-    }
-    chain.push(target);
-
-    // Hop by hop: the caller needs the permission (Token Creator) on the first account of the
-    // chain; each account needs implicitDelegation on the next.
-    let caller_member = member_of(&emu.policy, &caller.principal);
-    let first = chain[0];
-    let first_permission = if chain.len() > 1 {
-        "iam.serviceAccounts.implicitDelegation"
-    } else {
-        permission
-    };
-    let first_ok = first.token_creators.contains(&caller_member)
-        || (chain.len() > 1 && first.implicit_delegators.contains(&caller_member));
-    if !first_ok {
-        return permission_denied(first_permission, &first.email);
-    }
-    for pair in chain.windows(2) {
-        let (from, to) = (pair[0], pair[1]);
-        let from_member = format!("serviceAccount:{}", from.email);
-        if !(to.token_creators.contains(&from_member)
-            || to.implicit_delegators.contains(&from_member))
-        {
-            return permission_denied("iam.serviceAccounts.implicitDelegation", &to.email);
-        }
-    }
-    // The last hop must hold the real permission on the target, which implicitDelegation alone
-    // does not give.
-    if chain.len() > 1 {
-        let from_member = format!("serviceAccount:{}", chain[chain.len() - 2].email);
-        if !target.token_creators.contains(&from_member)
-            && !target.implicit_delegators.contains(&from_member)
-        {
-            return permission_denied(permission, &target.email);
-        }
-    }
-
-    let unique_id = Policy::unique_id(target);
-    match verb {
-        "generateAccessToken" => {
-            if lifetime > DEFAULT_LIFETIME && !target.lifetime_extension {
-                return google_error(400, "INVALID_ARGUMENT", &format!(
-                    "The lifetime requested ({lifetime}s) exceeds the maximum allowed of {DEFAULT_LIFETIME}s. A longer lifetime requires the constraints/iam.allowServiceAccountCredentialLifetimeExtension organization policy."
-                ));
-            }
-            let secs = effective_lifetime(emu, lifetime);
-            let token = issue(emu, &target.email, scopes, secs, &unique_id);
-            ok_json(
-                &json!({"accessToken": token, "expireTime": rfc3339(SystemTime::now() + Duration::from_secs(secs))}),
-            )
-        }
-        "generateIdToken" => {
-            let audience = req.get("audience").and_then(Value::as_str).unwrap_or("");
-            let include_email = req
-                .get("includeEmail")
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            let now = unix_now();
-            let mut claims = json!({
-                "iss": "https://accounts.google.com", "aud": audience, "azp": unique_id,
-                "sub": unique_id, "iat": now, "exp": now + effective_lifetime(emu, DEFAULT_LIFETIME),
-            });
-            if include_email {
-                claims["email"] = json!(target.email);
-                claims["email_verified"] = json!(true);
-            }
-            match emu.signer.jwt(&claims) {
-                Ok(t) => ok_json(&json!({"token": t})),
-                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
-            }
-        }
-        "signJwt" => {
-            let payload = req.get("payload").and_then(Value::as_str).unwrap_or("");
-            let Ok(claims) = serde_json::from_str::<Value>(payload) else {
-                return google_error(400, "INVALID_ARGUMENT", "Payload is not valid JSON.");
-            };
-            match emu.signer.jwt(&claims) {
-                Ok(t) => ok_json(&json!({"keyId": emu.signer.kid, "signedJwt": t})),
-                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
-            }
-        }
-        _ => {
-            use base64::Engine as _;
-            let payload = req.get("payload").and_then(Value::as_str).unwrap_or("");
-            let Ok(blob) = base64::engine::general_purpose::STANDARD.decode(payload) else {
-                return google_error(400, "INVALID_ARGUMENT", "Payload is not valid base64.");
-            };
-            match emu.signer.sign_blob(&blob) {
-                Ok(s) => ok_json(&json!({"keyId": emu.signer.kid, "signedBlob": s})),
-                Err(e) => google_error(500, "INTERNAL", &e.to_string()),
-            }
-        }
-    }
-}
-
-fn permission_denied(permission: &str, resource: &str) -> Resp {
-    let body = json!({"error": {
-        "code": 403,
-        "message": format!("Permission '{permission}' denied on resource (or it may not exist)."),
-        "status": "PERMISSION_DENIED",
-        "details": [{
-            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-            "reason": "IAM_PERMISSION_DENIED",
-            "domain": "iam.googleapis.com",
-            "metadata": {"permission": permission, "resource": format!("projects/-/serviceAccounts/{resource}")}
-        }]
-    }});
-    json_response(403, &body)
-}
-
-/// `user:EMAIL` or `serviceAccount:EMAIL` for an email, the federated principal as is.
-fn member_of(policy: &Policy, principal: &str) -> String {
-    if principal.starts_with("principal://") {
-        principal.to_string()
-    } else if policy.account(principal).is_some() {
-        format!("serviceAccount:{principal}")
-    } else {
-        format!("user:{principal}")
-    }
-}
-
-/// Who is calling: an access token we issued, or a self-signed JWT of a policy key.
-fn authenticate(emu: &Emulator, token: &str) -> Option<TokenInfo> {
-    if let Some(info) = emu.lookup(token) {
-        return Some(info);
-    }
-    let (sa, claims) = verify_key_jwt(emu, token)?;
-    let aud_ok = claims.get("aud").and_then(Value::as_str).is_some_and(|a| {
-        a.starts_with("https://iamcredentials.googleapis.com") || a.starts_with(&emu.url)
-    });
-    let scope = claims.get("scope").and_then(Value::as_str).unwrap_or("");
-    if !aud_ok && scope.is_empty() {
-        return None;
-    }
-    Some(TokenInfo {
-        principal: sa.email.clone(),
-        scopes: scope.split_whitespace().map(String::from).collect(),
-        expires: UNIX_EPOCH
-            + Duration::from_secs(claims.get("exp").and_then(Value::as_u64).unwrap_or(0)),
-        azp: Policy::unique_id(sa),
-    })
+    None
 }
 
 /// A JWT signed with a service account's registered key, unexpired, iss = sub = that account.
-fn verify_key_jwt<'a>(emu: &'a Emulator, token: &str) -> Option<(&'a ServiceAccount, Value)> {
+pub(super) fn verify_key_jwt<'a>(
+    emu: &'a Emulator,
+    token: &str,
+) -> Option<(&'a ServiceAccount, Value)> {
     let jwt = jwt::decode(token)?;
     let kid = jwt.header.get("kid").and_then(Value::as_str)?;
     let iss = jwt.claims.get("iss").and_then(Value::as_str)?;
@@ -430,35 +240,7 @@ fn verify_key_jwt<'a>(emu: &'a Emulator, token: &str) -> Option<(&'a ServiceAcco
 fn oauth_token(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
     let grant = form.get("grant_type").map(String::as_str).unwrap_or("");
     match grant {
-        "urn:ietf:params:oauth:grant-type:jwt-bearer" => {
-            let assertion = form.get("assertion").map(String::as_str).unwrap_or("");
-            let Some((sa, claims)) = verify_key_jwt(emu, assertion) else {
-                return oauth_error(400, "invalid_grant", "Invalid JWT Signature.");
-            };
-            let aud_ok = claims
-                .get("aud")
-                .and_then(Value::as_str)
-                .is_some_and(|a| a.ends_with("/token"));
-            if !aud_ok {
-                return oauth_error(400, "invalid_grant", "Invalid JWT: Failed audience check.");
-            }
-            let scopes: Vec<String> = claims
-                .get("scope")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .split_whitespace()
-                .map(String::from)
-                .collect();
-            if scopes.is_empty() {
-                return oauth_error(400, "invalid_scope", "Empty or missing scope not allowed.");
-            }
-            let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
-            let scope = scopes.join(" ");
-            let token = issue(emu, &sa.email, scopes, secs, &Policy::unique_id(sa));
-            ok_json(
-                &json!({"access_token": token, "expires_in": secs, "token_type": "Bearer", "scope": scope}),
-            )
-        }
+        "urn:ietf:params:oauth:grant-type:jwt-bearer" => grant::jwt_bearer(emu, form),
         "refresh_token" => {
             let get = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
             let Some(user) = emu
@@ -488,93 +270,6 @@ fn oauth_token(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
             "Missing required parameter: grant_type",
         ),
         _ => oauth_error(400, "unsupported_grant_type", "Invalid grant_type"),
-    }
-}
-
-fn sts_token(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
-    if form.get("grant_type").map(String::as_str)
-        != Some("urn:ietf:params:oauth:grant-type:token-exchange")
-    {
-        return oauth_error(
-            400,
-            "unsupported_grant_type",
-            "The grant type is not supported.",
-        );
-    }
-    let subject = form.get("subject_token").map(String::as_str).unwrap_or("");
-    let Some(ext) = emu
-        .policy
-        .external_subjects
-        .iter()
-        .find(|s| s.subject_token == subject)
-    else {
-        return oauth_error(
-            400,
-            "invalid_grant",
-            "The subject token is invalid or not accepted by the workload identity pool.",
-        );
-    };
-    let scopes: Vec<String> = form
-        .get("scope")
-        .map(|s| s.split_whitespace().map(String::from).collect())
-        .unwrap_or_else(|| vec![crate::config::CLOUD_PLATFORM_SCOPE.to_string()]);
-    let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
-    let token = issue(emu, &ext.principal, scopes, secs, "sts");
-    ok_json(&json!({
-        "access_token": token,
-        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
-        "token_type": "Bearer",
-        "expires_in": secs,
-    }))
-}
-
-fn metadata(emu: &Emulator, path: &str, query: &str) -> Resp {
-    let Some(inst) = &emu.policy.metadata else {
-        return text(404, "Not Found\n");
-    };
-    let rest = path.trim_start_matches("/computeMetadata/v1/");
-    if rest == "project/project-id" {
-        return text(200, "emulated-project");
-    }
-    let Some(sa_path) = rest.strip_prefix("instance/service-accounts/") else {
-        return text(404, "Not Found\n");
-    };
-    let (account, leaf) = sa_path.split_once('/').unwrap_or((sa_path, ""));
-    if account != "default" && !account.eq_ignore_ascii_case(&inst.service_account) {
-        return text(404, "Not Found\n");
-    }
-    let scopes: Vec<String> = if inst.scopes.is_empty() {
-        vec![crate::config::CLOUD_PLATFORM_SCOPE.to_string()]
-    } else {
-        inst.scopes.clone()
-    };
-    match leaf {
-        "token" => {
-            count(&emu.stats.metadata_token);
-            let asked = parse_form(query.as_bytes())
-                .get("scopes")
-                .map(|s| s.split(',').map(String::from).collect::<Vec<_>>());
-            let secs = effective_lifetime(emu, DEFAULT_LIFETIME);
-            let unique = emu
-                .policy
-                .account(&inst.service_account)
-                .map(Policy::unique_id)
-                .unwrap_or_else(|| "metadata".into());
-            let token = issue(
-                emu,
-                &inst.service_account,
-                asked.unwrap_or(scopes),
-                secs,
-                &unique,
-            );
-            ok_json(&json!({"access_token": token, "expires_in": secs, "token_type": "Bearer"}))
-        }
-        "email" => text(200, &inst.service_account),
-        "scopes" => text(200, &scopes.join("\n")),
-        "" => ok_json(
-            &json!({"aliases": ["default"], "email": inst.service_account, "scopes": scopes}),
-        ),
-        _ => text(404, "Not Found\n"),
     }
 }
 
@@ -618,14 +313,20 @@ fn tokeninfo(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
 
 // ---------------------------------------------------------------- helpers
 
-fn effective_lifetime(emu: &Emulator, requested: u64) -> u64 {
+pub(super) fn effective_lifetime(emu: &Emulator, requested: u64) -> u64 {
     match emu.policy.token_lifetime {
         Some(cap) => requested.min(cap.as_secs().max(1)),
         None => requested,
     }
 }
 
-fn issue(emu: &Emulator, principal: &str, scopes: Vec<String>, secs: u64, azp: &str) -> String {
+pub(super) fn issue(
+    emu: &Emulator,
+    principal: &str,
+    scopes: Vec<String>,
+    secs: u64,
+    azp: &str,
+) -> String {
     let token = format!("ya29.emu.{}", jwt::b64url(&rand::random::<[u8; 32]>()));
     emu.tokens.insert(
         token.clone(),
@@ -639,14 +340,7 @@ fn issue(emu: &Emulator, principal: &str, scopes: Vec<String>, secs: u64, azp: &
     token
 }
 
-/// `"3600s"` or `"3600.5s"` → whole seconds.
-fn parse_lifetime(s: &str) -> Option<u64> {
-    let n = s.strip_suffix('s')?;
-    let whole = n.split('.').next()?;
-    whole.parse().ok()
-}
-
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -654,7 +348,7 @@ fn unix_now() -> u64 {
 }
 
 /// `2020-04-07T15:01:23Z`.
-pub(crate) fn rfc3339(t: SystemTime) -> String {
+pub(super) fn rfc3339(t: SystemTime) -> String {
     let dt = time::OffsetDateTime::from(t);
     format!(
         "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
@@ -667,7 +361,7 @@ pub(crate) fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-fn percent_decode(s: &str) -> String {
+pub(super) fn percent_decode(s: &str) -> String {
     url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
         .next()
         .map(|(_, v)| v.into_owned())
@@ -678,17 +372,32 @@ fn parse_form(body: &[u8]) -> HashMap<String, String> {
     url::form_urlencoded::parse(body).into_owned().collect()
 }
 
+/// A form body, or a JSON object whose camelCase names (STS's documented JSON body:
+/// `grantType`, `subjectToken`, …) become the form's snake_case ones.
 fn parse_form_or_json(body: &[u8]) -> HashMap<String, String> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => map
             .into_iter()
-            .filter_map(|(k, v)| v.as_str().map(|s| (k, s.to_string())))
+            .filter_map(|(k, v)| v.as_str().map(|s| (snake_case(&k), s.to_string())))
             .collect(),
         _ => parse_form(body),
     }
 }
 
-fn json_response(code: u16, body: &Value) -> Resp {
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for c in name.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+pub(super) fn json_response(code: u16, body: &Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r.headers_mut().insert(
@@ -698,21 +407,14 @@ fn json_response(code: u16, body: &Value) -> Resp {
     r
 }
 
-fn ok_json(body: &Value) -> Resp {
+pub(super) fn ok_json(body: &Value) -> Resp {
     json_response(200, body)
 }
 
-pub(crate) fn google_error(code: u16, status: &str, message: &str) -> Resp {
+pub(super) fn google_error(code: u16, status: &str, message: &str) -> Resp {
     json_response(
         code,
         &json!({"error": {"code": code, "message": message, "status": status, "details": []}}),
-    )
-}
-
-fn oauth_error(code: u16, error: &str, description: &str) -> Resp {
-    json_response(
-        code,
-        &json!({"error": error, "error_description": description}),
     )
 }
 

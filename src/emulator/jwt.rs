@@ -18,25 +18,31 @@ pub fn b64url(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 
-/// The emulator's signing key (one per process run, published at the JWKS endpoint).
+/// An RSA signing key with its key id and a self-signed certificate naming its owner: the
+/// emulator's OIDC key, or one service account's Google-managed key.
 pub struct Signer {
     key: RsaKeyPair,
     pub kid: String,
+    /// The public key in an X.509 v3 certificate, as `…/metadata/x509/{EMAIL}` serves it.
+    pub certificate_pem: String,
     rng: SystemRandom,
 }
 
 impl Signer {
-    pub fn generate() -> Result<Signer, EmulatorError> {
+    /// A new key for `owner` (an email, the certificate's common name).
+    pub fn generate(owner: &str) -> Result<Signer, EmulatorError> {
         let key = RsaKeyPair::generate(KeySize::Rsa2048)
             .map_err(|_| EmulatorError::Crypto("RSA key generation failed".into()))?;
         let kid = {
             use sha2::Digest;
             let d = sha2::Sha256::digest(key.public_key().as_ref());
-            hex(&d[..10])
+            hex(&d[..20])
         };
+        let certificate_pem = certificate(&key, owner)?;
         Ok(Signer {
             key,
             kid,
+            certificate_pem,
             rng: SystemRandom::new(),
         })
     }
@@ -61,18 +67,59 @@ impl Signer {
         Ok(format!("{input}.{}", b64url(&sig)))
     }
 
-    pub fn jwks(&self) -> Value {
+    /// One JWK (RFC 7517) for this key.
+    pub fn jwk(&self) -> Value {
         let pk = self.key.public_key();
-        serde_json::json!({"keys": [{
+        serde_json::json!({
             "kty": "RSA", "alg": "RS256", "use": "sig", "kid": self.kid,
             "n": b64url(pk.modulus().big_endian_without_leading_zero()),
             "e": b64url(pk.exponent().big_endian_without_leading_zero()),
-        }]})
+        })
+    }
+
+    pub fn jwks(&self) -> Value {
+        serde_json::json!({"keys": [self.jwk()]})
+    }
+
+    /// The `raw` format of `…/metadata/raw/{EMAIL}`: standard base64, the modulus with its
+    /// leading zero byte, as Google's `keyvalues` entries have it.
+    pub fn raw(&self) -> Value {
+        let pk = self.key.public_key();
+        let n = pk.modulus().big_endian_without_leading_zero();
+        let mut modulus = Vec::with_capacity(n.len() + 1);
+        if n.first().is_some_and(|b| b & 0x80 != 0) {
+            modulus.push(0);
+        }
+        modulus.extend_from_slice(n);
+        serde_json::json!({
+            "algorithm": "RSA",
+            "modulus": STANDARD.encode(&modulus),
+            "exponent": STANDARD.encode(pk.exponent().big_endian_without_leading_zero()),
+            "keyid": self.kid,
+        })
     }
 
     pub fn sign_blob(&self, blob: &[u8]) -> Result<String, EmulatorError> {
         Ok(STANDARD.encode(self.sign(blob)?))
     }
+}
+
+/// A self-signed certificate for `key`, valid from now for the emulator's lifetime.
+fn certificate(key: &RsaKeyPair, owner: &str) -> Result<String, EmulatorError> {
+    let crypto = |e: &dyn std::fmt::Display| EmulatorError::Crypto(format!("certificate: {e}"));
+    let pkcs8 = key.as_der().map_err(|e| crypto(&e))?;
+    let der = rustls::pki_types::PrivatePkcs8KeyDer::from(pkcs8.as_ref());
+    let kp = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
+        .map_err(|e| crypto(&e))?;
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, owner);
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(14);
+    let cert = params.self_signed(&kp).map_err(|e| crypto(&e))?;
+    Ok(cert.pem())
 }
 
 /// A decoded but unverified JWT.
@@ -109,6 +156,10 @@ impl Jwt<'_> {
         signature::UnparsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, spki.as_ref())
             .verify(self.signed.as_bytes(), &self.signature)
             .is_ok()
+    }
+
+    pub fn kid(&self) -> Option<&str> {
+        self.header.get("kid").and_then(Value::as_str)
     }
 
     pub fn verify_with(&self, signer: &Signer) -> bool {

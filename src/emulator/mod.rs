@@ -2,13 +2,21 @@
 //! one plain-HTTP port: IAM Credentials v1 (`generateAccessToken`, `generateIdToken`,
 //! `signJwt`, `signBlob`), the OAuth2 token endpoint (`/token`: JWT-bearer and refresh-token
 //! grants), STS (`/v1/token`: token exchange), the metadata server (`/computeMetadata/v1/…`),
-//! tokeninfo (`/tokeninfo`) and a JWKS (`/oauth2/v3/certs`).
+//! tokeninfo (`/tokeninfo`), the OIDC keys (`/oauth2/v3/certs`, `/oauth2/v1/certs`), each
+//! service account's public keys (`/service_accounts/v1/metadata/{x509,jwk,raw}/EMAIL`), and its
+//! own control endpoint for faults (`/emulator/faults`).
 //!
-//! - `policy.rs`: the policy file (who may impersonate whom; test knobs).
-//! - `jwt.rs`: RS256 signing and verification, key files.
-//! - `google.rs`: the endpoints.
+//! - `policy.rs`: the policy file (allow policies per account, roles; test knobs).
+//! - `jwt.rs`: RS256 signing and verification, certificates, key files.
+//! - `google.rs`: routing, faults, public keys, the refresh-token grant, tokeninfo.
+//! - `grant.rs`: STS and the JWT-bearer grant (key files: access tokens and ID tokens).
+//! - `iam.rs`: IAM Credentials (permissions hop by hop, scopes, request shapes).
+//! - `instance.rs`: the metadata instance behind [`crate::metadata`].
 
 mod google;
+mod grant;
+mod iam;
+mod instance;
 pub mod jwt;
 pub mod policy;
 
@@ -85,6 +93,64 @@ impl Faults {
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::SeqCst);
     }
+    /// The current settings, as `GET /emulator/faults` shows them.
+    pub fn snapshot(&self) -> serde_json::Value {
+        serde_json::json!({
+            "error_rate": self.error_ppm.load(Ordering::SeqCst) as f64 / 1_000_000.0,
+            "latency": format!("{}ms", self.latency_ms.load(Ordering::SeqCst)),
+            "burst_429": self.burst_429.load(Ordering::SeqCst),
+            "down": self.down.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Apply `{"error_rate", "latency", "burst_429", "down"}` (any subset), all or nothing.
+    pub fn update(&self, v: &serde_json::Value) -> Result<(), String> {
+        let Some(obj) = v.as_object() else {
+            return Err("expected a JSON object".into());
+        };
+        if let Some(k) = obj
+            .keys()
+            .find(|k| !["error_rate", "latency", "burst_429", "down"].contains(&k.as_str()))
+        {
+            return Err(format!("unknown key `{k}`"));
+        }
+        let rate = match obj.get("error_rate") {
+            None => None,
+            Some(r) => match r.as_f64() {
+                Some(r) if (0.0..=1.0).contains(&r) => Some(r),
+                _ => return Err("error_rate must be a number between 0 and 1".into()),
+            },
+        };
+        let latency = match obj.get("latency") {
+            None => None,
+            Some(serde_json::Value::String(s)) => {
+                Some(crate::config::parse_duration(s).map_err(|e| format!("latency: {e}"))?)
+            }
+            Some(_) => return Err("latency must be a duration like \"250ms\"".into()),
+        };
+        let burst = match obj.get("burst_429") {
+            None => None,
+            Some(n) => Some(n.as_u64().ok_or("burst_429 must be a whole number")?),
+        };
+        let down = match obj.get("down") {
+            None => None,
+            Some(b) => Some(b.as_bool().ok_or("down must be true or false")?),
+        };
+        if let Some(r) = rate {
+            self.set_error_rate(r);
+        }
+        if let Some(l) = latency {
+            self.set_latency(l);
+        }
+        if let Some(n) = burst {
+            self.set_burst_429(n);
+        }
+        if let Some(d) = down {
+            self.set_down(d);
+        }
+        Ok(())
+    }
+
     pub fn clear(&self) {
         self.set_error_rate(0.0);
         self.set_latency(Duration::ZERO);
@@ -113,9 +179,16 @@ impl TokenInfo {
     }
 }
 
+/// Whose key signs Google's ID tokens (its certificates are served under this name too).
+pub const OIDC_SIGNER: &str = "federated-signon@system.gserviceaccount.com";
+
 pub(crate) struct Emulator {
     pub policy: Policy,
+    /// The OIDC key: ID tokens only, published at `/oauth2/v3/certs` and `/oauth2/v1/certs`.
     pub signer: jwt::Signer,
+    /// Each service account's Google-managed key (signJwt, signBlob), made on first use and
+    /// published at `/service_accounts/v1/metadata/{x509,jwk,raw}/EMAIL`. Keyed by lowercase email.
+    pub account_keys: DashMap<String, Arc<jwt::Signer>>,
     pub tokens: DashMap<String, TokenInfo>,
     pub stats: Arc<Stats>,
     pub faults: Arc<Faults>,
@@ -168,6 +241,35 @@ impl Drop for EmulatorHandle {
 }
 
 impl Emulator {
+    /// The Google-managed key of a service account the emulator knows (the policy's accounts
+    /// and the metadata instance's), or None.
+    pub(crate) fn account_key(
+        &self,
+        email: &str,
+    ) -> Option<Result<Arc<jwt::Signer>, EmulatorError>> {
+        let known = self
+            .policy
+            .account(email)
+            .map(|sa| sa.email.clone())
+            .or_else(|| {
+                self.policy
+                    .metadata
+                    .as_ref()
+                    .filter(|m| m.service_account.eq_ignore_ascii_case(email))
+                    .map(|m| m.service_account.clone())
+            })?;
+        let id = known.to_ascii_lowercase();
+        if let Some(k) = self.account_keys.get(&id) {
+            return Some(Ok(k.clone()));
+        }
+        // Made here, on the request: an RSA-2048 key takes milliseconds, once per account.
+        let key = match jwt::Signer::generate(&known) {
+            Ok(k) => Arc::new(k),
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Ok(self.account_keys.entry(id).or_insert(key).clone()))
+    }
+
     pub(crate) fn lookup(&self, token: &str) -> Option<TokenInfo> {
         self.tokens
             .get(token)
@@ -184,12 +286,13 @@ pub async fn start(listener: TcpListener, policy: Policy) -> Result<EmulatorHand
     faults.set_latency(policy.faults.latency.unwrap_or_default());
     faults.set_burst_429(policy.faults.burst_429);
     faults.set_down(policy.faults.down);
-    let signer = tokio::task::spawn_blocking(jwt::Signer::generate)
+    let signer = tokio::task::spawn_blocking(|| jwt::Signer::generate(OIDC_SIGNER))
         .await
         .map_err(|e| EmulatorError::Crypto(e.to_string()))??;
     let inner = Arc::new(Emulator {
         policy,
         signer,
+        account_keys: DashMap::new(),
         tokens: DashMap::new(),
         stats: Arc::new(Stats::default()),
         faults,
