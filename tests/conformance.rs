@@ -85,6 +85,13 @@ struct World {
     dir: PathBuf,
 }
 
+impl Drop for World {
+    /// The key file goes even when an assertion fails.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 async fn world() -> World {
     impersonate_proxy::install_crypto_provider();
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -245,8 +252,7 @@ print(json.dumps({{
     assert_eq!(Stats::get(&stats.generate_access_token), 1);
     assert_eq!(Stats::get(&stats.generate_id_token), 1);
     assert_eq!(Stats::get(&stats.sign_blob), 1);
-    w.emu.shutdown().await;
-    let _ = std::fs::remove_dir_all(&w.dir);
+    drop(w);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,6 +299,5 @@ print(json.dumps({
         "conformance-project"
     );
     assert!(Stats::get(&w.emu.stats().metadata_token) >= 1);
-    w.emu.shutdown().await;
-    let _ = std::fs::remove_dir_all(&w.dir);
+    drop(w);
 }
