@@ -19,6 +19,7 @@ use crate::tokens::TokenEngine;
 pub struct Server {
     proxy_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    metadata_addr: Option<SocketAddr>,
     state: Arc<ProxyState>,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
@@ -44,11 +45,31 @@ impl Server {
         let ca = CertificateAuthority::load_or_create(&config.ca)?;
         let engine = TokenEngine::from_config(&config).await?;
         let warm = config.tokens.warm;
+        // The metadata facade binds here, so `listen: 127.0.0.1:0` works in tests too.
+        let facade = match &config.facade.metadata {
+            Some(m) => {
+                let identity = config.identities.get(&m.identity).cloned().ok_or_else(|| {
+                    CliError::Other(format!(
+                        "facade.metadata.identity `{}` is unknown",
+                        m.identity
+                    ))
+                })?;
+                let listener = bind(m.listen).await?;
+                let facade =
+                    crate::facade::MetadataFacade::new(m.clone(), identity, engine.clone());
+                Some((listener, Arc::new(facade)))
+            }
+            None => None,
+        };
         let state = ProxyState::new(config, ca, engine.clone())
             .map_err(|e| CliError::Other(e.to_string()))?;
         let proxy_addr = local_addr(&listener)?;
         let admin_addr = match &admin {
             Some(l) => Some(local_addr(l)?),
+            None => None,
+        };
+        let metadata_addr = match &facade {
+            Some((l, _)) => Some(local_addr(l)?),
             None => None,
         };
 
@@ -72,12 +93,20 @@ impl Server {
             state.clone(),
             wait_for(stopped.clone()),
         ));
+        if let Some((listener, facade)) = facade {
+            tasks.spawn(crate::facade::serve(
+                listener,
+                facade,
+                wait_for(stopped.clone()),
+            ));
+        }
         if let Some(admin) = admin {
             tasks.spawn(crate::admin::serve(admin, state.clone(), wait_for(stopped)));
         }
         Ok(Server {
             proxy_addr,
             admin_addr,
+            metadata_addr,
             state,
             stop,
             tasks,
@@ -90,6 +119,11 @@ impl Server {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// Where the metadata facade listens, when configured.
+    pub fn metadata_addr(&self) -> Option<SocketAddr> {
+        self.metadata_addr
     }
 
     pub fn state(&self) -> &Arc<ProxyState> {

@@ -80,3 +80,107 @@ async fn the_token_endpoint_is_answered_with_a_placeholder() {
     );
     sb.shutdown().await;
 }
+
+fn facade_config(tokens: FacadeTokens) -> MetadataFacadeConfig {
+    MetadataFacadeConfig {
+        listen: any_port(),
+        identity: "dev".into(),
+        project_id: "demo-project".into(),
+        numeric_project_id: "123456789012".into(),
+        tokens,
+    }
+}
+
+use impersonate_proxy::config::{FacadeTokens, MetadataFacadeConfig};
+
+/// The facade answers as the metadata server answers client libraries: the flavor header both
+/// ways, the account, the project, placeholder tokens (and an ID token that decodes).
+#[tokio::test]
+async fn the_metadata_facade_hands_out_placeholders_for_the_configured_identity() {
+    let sb =
+        sandbox_with(|c| c.facade.metadata = Some(facade_config(FacadeTokens::Placeholder))).await;
+    let base = format!("http://{}", sb.server.metadata_addr().unwrap());
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = |path: &str| {
+        http.get(format!("{base}{path}"))
+            .header("Metadata-Flavor", "Google")
+            .send()
+    };
+    // Without the request header: Google's 403, still flavoured.
+    let r = http.get(format!("{base}/")).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(r.headers()["metadata-flavor"], "Google");
+    let r = get("/").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["metadata-flavor"], "Google");
+    let email = get("/computeMetadata/v1/instance/service-accounts/default/email")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(email, DEV);
+    let project = get("/computeMetadata/v1/project/project-id")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(project, "demo-project");
+    let v: Value = get("/computeMetadata/v1/instance/service-accounts/default/token")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["access_token"],
+        impersonate_proxy::facade::PLACEHOLDER_ACCESS_TOKEN
+    );
+    // The account's email works as an alias for `default`.
+    let r = get(&format!(
+        "/computeMetadata/v1/instance/service-accounts/{DEV}/token?scopes=a,b"
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    let jwt = get("/computeMetadata/v1/instance/service-accounts/default/identity?audience=https://svc.a.run.app&format=full")
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    use base64::Engine as _;
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(jwt.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["aud"], "https://svc.a.run.app");
+    assert_eq!(claims["email"], DEV);
+    sb.shutdown().await;
+}
+
+/// `tokens: real`: the identity's real token, for clients that also call hosts no route names.
+#[tokio::test]
+async fn the_metadata_facade_can_hand_out_the_identitys_real_tokens() {
+    let sb = sandbox_with(|c| c.facade.metadata = Some(facade_config(FacadeTokens::Real))).await;
+    let base = format!("http://{}", sb.server.metadata_addr().unwrap());
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let v: Value = http
+        .get(format!(
+            "{base}/computeMetadata/v1/instance/service-accounts/default/token"
+        ))
+        .header("Metadata-Flavor", "Google")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["access_token"].as_str().unwrap();
+    assert_eq!(sb.emulator.token_info(token).unwrap().principal, DEV);
+    assert!(v["expires_in"].as_u64().unwrap() > 60, "{v}");
+    sb.shutdown().await;
+}

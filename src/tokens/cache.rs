@@ -115,6 +115,16 @@ impl TokenSlot {
         self.mint_locked().await
     }
 
+    /// The header and how much longer it may be served, minting if needed: for a client that
+    /// is handed the token itself and must know when to ask again (the metadata facade).
+    pub async fn authorization_for(&self) -> Result<(HeaderValue, Duration), TokenError> {
+        let header = self.authorization().await?;
+        let left = self.current.load().as_deref().map_or(Duration::ZERO, |c| {
+            c.serve_until.saturating_duration_since(Instant::now())
+        });
+        Ok((header, left))
+    }
+
     /// Is there a token that may be served now?
     pub fn is_ready(&self) -> bool {
         self.try_current().is_some()
