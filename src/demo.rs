@@ -183,6 +183,28 @@ impl Sandbox {
             .map_err(|e| e.to_string())
     }
 
+    /// `impersonate-proxy env`'s lines (sh) for this sandbox: its listener, CA and facade as
+    /// they are bound, with the bundle and boto file written beside the CA. (No Java
+    /// truststore: `env` itself writes that.)
+    pub fn env_lines(&self) -> Result<String, String> {
+        use crate::onboard;
+        let mut config = self.config.clone();
+        config.listen = self.server.proxy_addr();
+        if let (Some(m), Some(addr)) = (&mut config.facade.metadata, self.server.metadata_addr()) {
+            m.listen = addr;
+        }
+        let files = onboard::Files::beside(&self.ca_path());
+        let ca = crate::ca::CertificateAuthority::load_or_create(&config.ca)
+            .map_err(|e| e.to_string())?;
+        ca.write_bundle(&files.bundle).map_err(|e| e.to_string())?;
+        write(&files.boto, &onboard::boto(&config, &files))?;
+        let java = Err("the demo skips it".to_string());
+        Ok(onboard::render(
+            &onboard::lines(&config, &files, &java),
+            onboard::Format::Sh,
+        ))
+    }
+
     /// Stop the proxy (draining), the origin and the emulator; remove the temp dir.
     pub async fn shutdown(self) {
         self.server.shutdown().await;
@@ -196,13 +218,26 @@ fn write(path: &Path, text: &str) -> Result<(), String> {
     std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The demo's proxy also offers Google's libraries a credential: the metadata facade (on a
+/// free port) and the token-endpoint answer.
+fn with_facade(c: &mut Config) {
+    c.facade.metadata = Some(crate::config::MetadataFacadeConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        identity: "dev".into(),
+        project_id: "demo-project".into(),
+        numeric_project_id: "123456789012".into(),
+        tokens: crate::config::FacadeTokens::Placeholder,
+    });
+    c.facade.token_endpoint = true;
+}
+
 /// `impersonate-proxy demo`.
 pub async fn run(listen: SocketAddr, once: bool) -> Result<(), String> {
-    let sandbox = match Sandbox::start(listen, POLICY, |_| {}).await {
+    let sandbox = match Sandbox::start(listen, POLICY, with_facade).await {
         Ok(s) => s,
         Err(e) if e.contains("cannot listen") => {
             println!("{listen} is busy; using a free port instead");
-            Sandbox::start(SocketAddr::from(([127, 0, 0, 1], 0)), POLICY, |_| {}).await?
+            Sandbox::start(SocketAddr::from(([127, 0, 0, 1], 0)), POLICY, with_facade).await?
         }
         Err(e) => return Err(e),
     };
@@ -213,6 +248,9 @@ pub async fn run(listen: SocketAddr, once: bool) -> Result<(), String> {
         sandbox.origin.addr()
     );
     println!("  proxy               {}", sandbox.proxy_url());
+    if let Some(m) = sandbox.server.metadata_addr() {
+        println!("  metadata facade     http://{m} (for Google's client libraries)");
+    }
     println!("  credential A        {SOURCE_USER} (authorized_user ADC)\n");
 
     let client = sandbox.client()?;
@@ -237,6 +275,8 @@ pub async fn run(listen: SocketAddr, once: bool) -> Result<(), String> {
         ("GET", "https://locked.googleapis.com/v1/secrets"),
     ];
     println!("Each request is sent with `Authorization: Bearer user-supplied-junk`:\n");
+    println!("  {:<6} {:<72} {:<6} result", "method", "url", "status");
+    println!("  {}", "-".repeat(110));
     for (method, url) in requests {
         let m = http::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
         let resp = client
@@ -261,13 +301,15 @@ pub async fn run(listen: SocketAddr, once: bool) -> Result<(), String> {
                 .unwrap_or("error")
                 .to_string()
         };
-        println!("  {method:<4} {url}\n       -> {status} {outcome}");
+        println!("  {method:<6} {url:<72} {status:<6} {outcome}");
     }
-    let ca = sandbox.ca_path();
-    println!("\nTry it yourself in another shell:\n");
-    println!("  export HTTPS_PROXY={}", sandbox.proxy_url());
-    println!("  export CURL_CA_BUNDLE={}", ca.display());
-    println!("  curl -s https://storage.googleapis.com/storage/v1/b/prod-logs/o");
+    println!("\nTry it yourself in another shell: these are `impersonate-proxy env`'s lines for");
+    println!(
+        "this demo, so curl, Python's and Node's Google SDKs and gsutil find the proxy, trust"
+    );
+    println!("it, and get their credential from the metadata facade:\n");
+    print!("{}", sandbox.env_lines()?);
+    println!("\n  curl -s https://storage.googleapis.com/storage/v1/b/prod-logs/o");
     println!("  impersonate-proxy check --url https://bigquery.googleapis.com/x   # with your own config\n");
     if once {
         sandbox.shutdown().await;

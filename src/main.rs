@@ -101,7 +101,10 @@ enum CaCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // The demo prints a table: its logs go to a file, named at the top of its output.
+    let log_file = matches!(cli.command, Command::Demo { .. })
+        .then(|| std::env::temp_dir().join("impersonate-proxy-demo.log"));
+    init_tracing(cli.log_format, log_file.as_deref());
     impersonate_proxy::install_crypto_provider();
     // The control plane (token refresh, admin, emulator, demo); `run` serves requests on
     // worker threads of its own.
@@ -151,11 +154,22 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stderr, or to `file` (the demo's), falling back to stderr if it cannot be created.
+fn init_tracing(format: LogFormat, file: Option<&std::path::Path>) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let writer = match file.map(std::fs::File::create) {
+        Some(Ok(f)) => {
+            if let Some(path) = file {
+                println!("(logs: {})", path.display());
+            }
+            tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(f))
+        }
+        _ => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(file.is_none())
+        .with_writer(writer);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -173,16 +173,24 @@ async fn token_prints_a_token_of_the_identity() {
 async fn the_demo_runs_offline_and_shows_each_identity() {
     let o = run(&["demo", "--once", "--listen", "127.0.0.1:0"]).await;
     assert!(o.status.success(), "{}", text(&o));
-    let t = String::from_utf8(o.stdout).unwrap();
+    let t = String::from_utf8(o.stdout.clone()).unwrap();
     for want in [
         "reached the origin as reader@demo-project.iam.gserviceaccount.com",
         "reached the origin as bq-jobs@demo-project.iam.gserviceaccount.com (x-goog-user-project: demo-project)",
         "reached the origin as dev@demo-project.iam.gserviceaccount.com",
-        "503 impersonate-proxy: no token for route `locked`",
-        "export HTTPS_PROXY=http://127.0.0.1:",
+        "503    impersonate-proxy: no token for route `locked`",
+        "export HTTPS_PROXY='http://127.0.0.1:",
+        "export GCE_METADATA_HOST='127.0.0.1:",
+        "export BOTO_CONFIG=",
     ] {
         assert!(t.contains(want), "missing {want:?} in:\n{t}");
     }
+    // A clean table: the logs went to their file, not between the rows.
+    let all = text(&o);
+    assert!(
+        !all.contains(" WARN ") && !all.contains(" INFO "),
+        "log lines in the demo's output:\n{all}"
+    );
 }
 
 /// The proxy's own calls to Google (here the OAuth2 refresh and generateAccessToken, made by

@@ -44,51 +44,6 @@ async fn curl_ok(sb: &Sandbox, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Every request in nginx's log, checked against the rules: nginx accepted it (it answers two
-/// authorities, or a connection-specific field on h2, with 400), it names the route's host
-/// once, it carries the `dev` route's token (as the emulator says), and no hop-by-hop field
-/// reached it. `Transfer-Encoding: chunked` is allowed only as the framing of an HTTP/1.1 leg
-/// carrying a body of unknown length. Returns the log.
-async fn assert_nginx_saw_clean_requests(sb: &Sandbox, nginx: &Nginx, min: usize) -> Vec<Value> {
-    let seen = nginx.seen_at_least(min).await;
-    assert!(seen.len() >= min, "nginx saw {} requests", seen.len());
-    for s in &seen {
-        let line = s.to_string();
-        assert_ne!(
-            s["status"],
-            "400",
-            "nginx refused it: {line}\n{}",
-            nginx.error_log()
-        );
-        assert_eq!(s["host"], HOST, "{line}");
-        let token = s["authorization"]
-            .as_str()
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .unwrap_or_else(|| panic!("no bearer token: {line}"));
-        let info = sb.emulator.token_info(token).expect("an emulator token");
-        assert_eq!(info.principal, DEV, "{line}");
-        for field in [
-            "connection",
-            "keep_alive",
-            "proxy_connection",
-            "proxy_authorization",
-            "upgrade",
-        ] {
-            assert_eq!(s[field], "", "{field} reached nginx: {line}");
-        }
-        assert!(s["te"] == "" || s["te"] == "trailers", "{line}");
-        match s["transfer_encoding"].as_str() {
-            Some("") => {}
-            Some("chunked") => {
-                assert_eq!(s["protocol"], "HTTP/1.1", "{line}");
-                assert_eq!(s["content_length"], "", "{line}");
-            }
-            other => panic!("transfer-encoding {other:?}: {line}"),
-        }
-    }
-    seen
-}
-
 /// The header lines the backend behind nginx received (duplicates kept).
 fn backend_headers(v: &Value, name: &str) -> Vec<String> {
     v["headers"]
@@ -168,7 +123,7 @@ async fn headers_follow_the_rules(h2_origin: bool) {
     let v: Value = resp.json().await.unwrap();
     assert_eq!(backend_headers(&v, "cookie"), ["a=1; b=2"], "{v}");
 
-    let seen = assert_nginx_saw_clean_requests(&sb, &nginx, 3).await;
+    let seen = nginx.assert_clean(&sb, DEV, 3).await;
     let protocol = if h2_origin { "HTTP/2.0" } else { "HTTP/1.1" };
     assert!(seen.iter().all(|s| s["protocol"] == protocol), "{seen:?}");
 
@@ -362,7 +317,7 @@ async fn bodies_ranges_and_bodiless_answers(h2_origin: bool) {
         nginx::sha256(&big[..8 * 1024 * 1024]).as_str()
     );
 
-    let seen = assert_nginx_saw_clean_requests(&sb, &nginx, 15).await;
+    let seen = nginx.assert_clean(&sb, DEV, 15).await;
     let chunked = seen.iter().find(|s| s["uri"] == "/echo/chunked").unwrap();
     assert_eq!(chunked["content_length"], "", "{chunked}");
     sb.shutdown().await;
@@ -430,7 +385,7 @@ async fn five_hundred_requests_on_one_connection(h2_origin: bool) {
             "{version}: the proxy kept one upstream connection"
         );
     }
-    assert_nginx_saw_clean_requests(&sb, &nginx, 1000).await;
+    nginx.assert_clean(&sb, DEV, 1000).await;
     sb.shutdown().await;
     nginx.stop().await;
 }

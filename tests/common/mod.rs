@@ -87,6 +87,9 @@ pub async fn json(resp: reqwest::Response) -> serde_json::Value {
 /// `packages` installed from PyPI) on first use, so a plain `cargo test` on a fresh machine
 /// sets it up once.
 pub async fn python_venv(name: &str, modules: &str, packages: &[&str]) -> PathBuf {
+    // Tests of one binary run at once: one of them installs, the others wait for it.
+    static INSTALL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let _one_at_a_time = INSTALL.lock().await;
     let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target")
         .join(name);

@@ -43,6 +43,13 @@ impl Nginx {
     /// Start nginx (h2 and HTTP/1.1 when `h2`, else HTTP/1.1 only) for `names`, with its
     /// backend. Panics, with nginx's own error log, if it does not come up.
     pub async fn start(h2: bool, names: &[&str]) -> Nginx {
+        Nginx::start_with(h2, names, None).await
+    }
+
+    /// As [`Nginx::start`], with every other path passed to `app` (a plain-http server such as
+    /// `gcp-storage-emulator`), which sees the client's `Host`; its `http://` redirects are
+    /// rewritten to `https://`, as they would be behind Google's own front end.
+    pub async fn start_with(h2: bool, names: &[&str], app: Option<SocketAddr>) -> Nginx {
         assert!(
             Path::new(NGINX).exists(),
             "{NGINX} is missing: the interop tests need Debian's nginx \
@@ -108,10 +115,24 @@ http {{
         }}
         location /files/ {{ root {d}/www; }}
         location = /empty {{ return 204; }}
+        {app}
     }}
 }}
 "#,
-            names = names.join(" ")
+            names = names.join(" "),
+            // gsutil opens resumable uploads at /resumable/upload/…, which Google serves
+            // and gcp-storage-emulator does not: the stand-in gets them at /upload/….
+            app = app.map_or(String::new(), |a| {
+                let pass = format!(
+                    "proxy_pass http://{a}; proxy_http_version 1.1; \
+                     proxy_request_buffering off; proxy_set_header Host $host; \
+                     proxy_redirect http://$host/ https://$host/;"
+                );
+                format!(
+                    "location / {{ {pass} }}\n        \
+                     location /resumable/ {{ rewrite ^/resumable(/.*)$ $1 break; {pass} }}"
+                )
+            }),
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
         let mut child = tokio::process::Command::new(NGINX)
@@ -174,6 +195,57 @@ http {{
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Every request in nginx's log, checked against the rules: nginx accepted it (it answers two
+    /// authorities, or a connection-specific field on h2, with 400), it names the route's host
+    /// once, it carries a token of `principal` (as the emulator says), and no hop-by-hop
+    /// field reached it. `Transfer-Encoding: chunked` is allowed only as the framing of an HTTP/1.1 leg
+    /// carrying a body of unknown length. Returns the log.
+    pub async fn assert_clean(
+        &self,
+        sb: &super::Sandbox,
+        principal: &str,
+        min: usize,
+    ) -> Vec<serde_json::Value> {
+        let nginx = self;
+        let seen = nginx.seen_at_least(min).await;
+        assert!(seen.len() >= min, "nginx saw {} requests", seen.len());
+        for s in &seen {
+            let line = s.to_string();
+            assert_ne!(
+                s["status"],
+                "400",
+                "nginx refused it: {line}\n{}",
+                nginx.error_log()
+            );
+            assert_eq!(s["host"], "storage.googleapis.com", "{line}");
+            let token = s["authorization"]
+                .as_str()
+                .and_then(|a| a.strip_prefix("Bearer "))
+                .unwrap_or_else(|| panic!("no bearer token: {line}"));
+            let info = sb.emulator.token_info(token).expect("an emulator token");
+            assert_eq!(info.principal, principal, "{line}");
+            for field in [
+                "connection",
+                "keep_alive",
+                "proxy_connection",
+                "proxy_authorization",
+                "upgrade",
+            ] {
+                assert_eq!(s[field], "", "{field} reached nginx: {line}");
+            }
+            assert!(s["te"] == "" || s["te"] == "trailers", "{line}");
+            match s["transfer_encoding"].as_str() {
+                Some("") => {}
+                Some("chunked") => {
+                    assert_eq!(s["protocol"], "HTTP/1.1", "{line}");
+                    assert_eq!(s["content_length"], "", "{line}");
+                }
+                other => panic!("transfer-encoding {other:?}: {line}"),
+            }
+        }
+        seen
     }
 
     pub fn error_log(&self) -> String {
