@@ -173,10 +173,13 @@ pub fn ca_init(config_path: &Path, force: bool) -> Result<(), CliError> {
     };
     CertificateAuthority::create(&ca_cfg.cert, &ca_cfg.key, force)?;
     println!(
-        "created {} and {} (mode 0600)",
+        "created {} and {} (key mode 0600)",
         ca_cfg.cert.display(),
         ca_cfg.key.display()
     );
+    for warning in crate::ca::permission_warnings(&ca_cfg.cert, &ca_cfg.key) {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }
 
