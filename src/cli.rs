@@ -55,6 +55,13 @@ pub fn check(config_path: &Path, url: Option<&str>, method: &str) -> Result<(), 
                     id.service_account,
                     id.lifetime.as_secs()
                 );
+                println!("    {}", timing_line(&config, id.lifetime));
+            }
+            if config.routes.iter().any(|r| r.id_token.is_some()) {
+                println!(
+                    "  ID tokens (1h, Google's): {}",
+                    timing_line(&config, std::time::Duration::from_secs(3600))
+                );
             }
             println!("\nroutes (first match wins):\n{}", table.describe());
             println!(
@@ -65,6 +72,27 @@ pub fn check(config_path: &Path, url: Option<&str>, method: &str) -> Result<(), 
         Some(url) => println!("{}", dry_run(&config, &table, url, method)?),
     }
     Ok(())
+}
+
+/// When a token of this lifetime is renewed and how long it is served, and whether the margin
+/// was configured or derived; the config was validated, so the timing exists.
+fn timing_line(config: &Config, life: std::time::Duration) -> String {
+    use crate::config::show;
+    let settings = crate::tokens::Settings::from(&config.tokens);
+    match settings.timing(life) {
+        Ok(t) => format!(
+            "renewed {} before expiry ({}), up to {} earlier at random (tokens.jitter); never served with less than {} left (tokens.safety_window)",
+            show(t.margin),
+            if t.derived {
+                "derived: tokens.safety_window plus 5m, or plus a quarter of the rest of the lifetime when shorter"
+            } else {
+                "tokens.refresh_margin"
+            },
+            show(config.tokens.jitter),
+            show(config.tokens.safety_window),
+        ),
+        Err(_) => "no valid token timing".into(),
+    }
 }
 
 /// Which route and identity a request would get, in one line.

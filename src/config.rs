@@ -292,14 +292,16 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TokensConfig {
-    /// Renew this long before expiry; default 5 min, or a quarter of the lifetime when that is
-    /// shorter.
+    /// Renew this long before expiry. Unset, it is derived per lifetime: the safety window
+    /// plus 5 min, or plus a quarter of the rest of the lifetime when that is shorter. Set, it
+    /// must exceed the safety window by at least `iam.timeout` and is never changed silently.
     #[serde(deserialize_with = "de_opt_duration")]
     pub refresh_margin: Option<Duration>,
-    /// Up to this much random extra margin, so identities do not refresh in one burst.
+    /// Up to this much random extra margin, so identities do not refresh in one burst (at most
+    /// half the time until the refresh, so a short token is not renewed at once).
     #[serde(deserialize_with = "de_duration")]
     pub jitter: Duration,
-    /// A token with less than this left is never served.
+    /// A token with less than this left is never served, whatever its lifetime.
     #[serde(deserialize_with = "de_duration")]
     pub safety_window: Duration,
     /// Mint every configured identity's tokens at start-up.
@@ -421,6 +423,8 @@ impl Config {
                 }
             }
         }
+        self.check_token_timing()
+            .map_err(|(key, message)| invalid(key, message))?;
         if self.allowed_ports.is_empty() {
             return Err(invalid(
                 "allowed_ports".into(),
@@ -448,6 +452,62 @@ impl Config {
             ConfigError::Invalid { key, message, .. } => invalid(key, message),
             other => other,
         })?;
+        Ok(())
+    }
+
+    /// `tokens.refresh_margin`, `tokens.safety_window` and each lifetime together (see
+    /// [`crate::tokens::Settings::timing`]): every token is renewed before it stops being
+    /// served, early enough that one IAM call, timed out or not, ends before then. So a warm
+    /// request never waits on IAM.
+    fn check_token_timing(&self) -> Result<(), (String, String)> {
+        use crate::tokens::{Settings, TimingError};
+        let settings = Settings::from(&self.tokens);
+        let mut lives: Vec<(String, Duration)> = self
+            .identities
+            .iter()
+            .map(|(name, id)| (format!("identities.{name}.lifetime"), id.lifetime))
+            .collect();
+        // Google's ID tokens live an hour, whatever the identity's lifetime.
+        if let Some(i) = self.routes.iter().position(|r| r.id_token.is_some()) {
+            lives.push((format!("routes[{i}].id_token"), Duration::from_secs(3600)));
+        }
+        let margin_key = "tokens.refresh_margin".to_string();
+        for (key, life) in lives {
+            let timing = settings.timing(life).map_err(|e| match e {
+                TimingError::NeverServable => (
+                    key.clone(),
+                    "must be longer than tokens.safety_window (a token with less left is never served)"
+                        .to_string(),
+                ),
+                TimingError::MarginNotAboveSafety => (
+                    margin_key.clone(),
+                    "must be longer than tokens.safety_window, so that a token is renewed before it stops being served and a warm request never waits on IAM"
+                        .to_string(),
+                ),
+                TimingError::MarginTooLong => (
+                    margin_key.clone(),
+                    format!(
+                        "too long for {key}: at most tokens.safety_window plus half of the rest of the lifetime (or leave it unset to derive it)"
+                    ),
+                ),
+            })?;
+            if timing.lead(life) < self.iam.timeout {
+                return Err(if timing.derived {
+                    (
+                        key,
+                        "too short for tokens.safety_window and iam.timeout: the derived refresh would start less than iam.timeout before the token stops being served"
+                            .to_string(),
+                    )
+                } else {
+                    (
+                        margin_key,
+                        format!(
+                            "must exceed tokens.safety_window by at least iam.timeout, so that a refresh ends before a token of {key} stops being served"
+                        ),
+                    )
+                });
+            }
+        }
         Ok(())
     }
 
@@ -974,6 +1034,83 @@ other_hosts: deny
             assert!(!err.contains("SECRET"), "{yaml}: {err}");
             assert!(err.contains(key), "{yaml}: {err}");
         }
+    }
+
+    /// Issue 14: a 3 s margin under a 10 s window was accepted, and warm requests then waited
+    /// on IAM. Margin, window, lifetimes and the IAM timeout are validated together.
+    #[test]
+    fn token_timing_is_validated_together() {
+        let id =
+            "identities:\n  a: { service_account: a@p.iam.gserviceaccount.com, lifetime: LIFE }\n";
+        let cfg = |life: &str, tokens: &str| {
+            format!("{}tokens: {{ {tokens} }}\n", id.replace("LIFE", life))
+        };
+        for (life, tokens, key, rule) in [
+            (
+                "1h",
+                "refresh_margin: 3s, safety_window: 10s",
+                "tokens.refresh_margin",
+                "longer than tokens.safety_window",
+            ),
+            (
+                "1h",
+                "refresh_margin: 10s, safety_window: 10s",
+                "tokens.refresh_margin",
+                "longer than tokens.safety_window",
+            ),
+            (
+                "1h",
+                "refresh_margin: 15s, safety_window: 10s",
+                "tokens.refresh_margin",
+                "iam.timeout",
+            ),
+            (
+                "1h",
+                "refresh_margin: 40m",
+                "tokens.refresh_margin",
+                "too long for identities.a.lifetime",
+            ),
+            (
+                "30s",
+                "safety_window: 60s",
+                "identities.a.lifetime",
+                "longer than tokens.safety_window",
+            ),
+            (
+                "90s",
+                "safety_window: 60s",
+                "identities.a.lifetime",
+                "iam.timeout",
+            ),
+        ] {
+            let err = Config::from_yaml(&cfg(life, tokens), "c.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(key) && err.contains(rule),
+                "{life} {tokens}: {err}"
+            );
+        }
+        for (life, tokens) in [
+            ("1h", "refresh_margin: 20s, safety_window: 10s"),
+            ("1h", "refresh_margin: 30m"),
+            ("2m", "safety_window: 60s"),
+            ("12h", "refresh_margin: 6h"),
+        ] {
+            Config::from_yaml(&cfg(life, tokens), "c.yaml").unwrap();
+        }
+        let y = format!(
+            "{}iam: {{ timeout: 4s }}\n",
+            cfg("1h", "refresh_margin: 15s, safety_window: 10s")
+        );
+        Config::from_yaml(&y, "c.yaml").unwrap();
+        // ID tokens live an hour whatever the identity's lifetime.
+        let y = format!(
+            "{}routes:\n  - {{ host: x.run.app, id_token: {{ identity: a, audience: x }} }}\n",
+            cfg("12h", "refresh_margin: 6h")
+        );
+        let err = Config::from_yaml(&y, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("routes[0].id_token"), "{err}");
     }
 
     #[test]

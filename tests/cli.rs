@@ -36,6 +36,12 @@ async fn check_prints_the_table_and_dry_runs_urls() {
         t.contains("prod-buckets-read") && t.contains("reader@my-project.iam.gserviceaccount.com"),
         "{t}"
     );
+    // Token timing, and whether the margin was configured or derived.
+    assert!(
+        t.contains("renewed 6m before expiry (derived")
+            && t.contains("never served with less than 1m left"),
+        "{t}"
+    );
     let o = run(&[
         "check",
         "--config",
