@@ -1029,6 +1029,18 @@ other_hosts: deny
                 "routes:\n  - { host: a.googleapis.com, identity: ya29.SECRET-TOKEN }",
                 "routes[0].identity",
             ),
+            (
+                "routes:\n  - { host: a.googleapis.com, path: ya29.SECRET-TOKEN, passthrough: true }",
+                "routes[0].path",
+            ),
+            (
+                "routes:\n  - { host: a.googleapis.com, methods: [ya29/SECRET-TOKEN], passthrough: true }",
+                "routes[0].methods",
+            ),
+            (
+                "routes:\n  - { host: \"ya29/SECRET-TOKEN\", passthrough: true }",
+                "routes[0].host",
+            ),
         ] {
             let err = Config::from_yaml(yaml, "c.yaml").unwrap_err().to_string();
             assert!(!err.contains("SECRET"), "{yaml}: {err}");
