@@ -358,7 +358,17 @@ fn write_new_file(path: &Path, bytes: &[u8], mode: u32, replace: bool) -> Result
         if replace {
             std::fs::rename(&tmp, path)
         } else {
-            std::fs::hard_link(&tmp, path)
+            std::fs::hard_link(&tmp, path).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    return Err(e);
+                }
+                // A filesystem without hard links: rename after looking (a narrower guarantee
+                // against a racing writer, but rename still never follows a link).
+                match std::fs::symlink_metadata(path) {
+                    Ok(_) => Err(std::io::ErrorKind::AlreadyExists.into()),
+                    Err(_) => std::fs::rename(&tmp, path),
+                }
+            })
         }
     });
     // After a rename the temporary name is gone; after a link or a failure it is removed.

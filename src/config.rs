@@ -694,7 +694,12 @@ pub fn yaml_from_str<T: DeserializeOwned>(yaml: &str) -> Result<T, String> {
         duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
     };
     serde_saphyr::from_str_with_options(yaml, options).map_err(|e| {
-        let message = scrub_yaml_error(&e);
+        let mut message = scrub_yaml_error(&e);
+        if message.starts_with("budget breached") || message.contains("alias replay limit") {
+            message = format!(
+                "beyond the YAML limits (one document, depth 32, 100,000 nodes, 1,000 anchors and aliases, 100,000 events replayed from aliases): {message}"
+            );
+        }
         // Name the key: the parser gives the value's position, and the key is the word before
         // the last `:` ahead of it on that line.
         let key = e
