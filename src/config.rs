@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 
 /// The scope used when an identity names none.
@@ -18,9 +17,7 @@ pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-pl
 pub const DEFAULT_IAM_ENDPOINT: &str = "https://iamcredentials.googleapis.com";
 /// Longest lifetime Google grants, and only with the org-policy extension.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(43_200);
-/// Largest YAML file read (config or emulator policy): far beyond any real one, and small
-/// enough that reading and parsing it is quick.
-pub const MAX_YAML_BYTES: usize = 4 << 20;
+pub use crate::yaml::{from_str as yaml_from_str, read_bounded, MAX_YAML_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -650,118 +647,6 @@ pub fn is_service_account_email(s: &str) -> bool {
     }
 }
 
-/// Read a YAML file of at most [`MAX_YAML_BYTES`]; a larger one (or `/dev/zero`) is refused
-/// without being read whole.
-pub fn read_bounded(path: &Path) -> std::io::Result<String> {
-    use std::io::Read as _;
-    let mut text = String::new();
-    std::fs::File::open(path)?
-        .take(MAX_YAML_BYTES as u64 + 1)
-        .read_to_string(&mut text)?;
-    if text.len() > MAX_YAML_BYTES {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("larger than {} MiB", MAX_YAML_BYTES >> 20),
-        ));
-    }
-    Ok(text)
-}
-
-/// The one YAML reader for our files (config and emulator policy): input size, nesting, node
-/// count and alias expansion are bounded, so a small file cannot make the parser allocate
-/// without limit, and a key given twice in one mapping (an identity, a route field, a top-level
-/// key) is an error instead of the last one silently winning. The message names the location
-/// and what was expected, never the offending text (it may be a secret typed into the wrong
-/// key).
-pub fn yaml_from_str<T: DeserializeOwned>(yaml: &str) -> Result<T, String> {
-    if yaml.len() > MAX_YAML_BYTES {
-        return Err(format!("larger than {} MiB", MAX_YAML_BYTES >> 20));
-    }
-    let options = serde_saphyr::options! {
-        budget: serde_saphyr::budget! {
-            max_events: 200_000,
-            max_aliases: 1_000,
-            max_anchors: 1_000,
-            max_nodes: 100_000,
-            max_depth: 32,
-            max_total_scalar_bytes: MAX_YAML_BYTES,
-            max_documents: 1,
-        },
-        alias_limits: serde_saphyr::alias_limits! {
-            max_total_replayed_events: 100_000,
-            max_replay_stack_depth: 16,
-        },
-        duplicate_keys: serde_saphyr::options::DuplicateKeyPolicy::Error,
-    };
-    serde_saphyr::from_str_with_options(yaml, options).map_err(|e| {
-        let mut message = scrub_yaml_error(&e);
-        if message.starts_with("budget breached") || message.contains("alias replay limit") {
-            message = format!(
-                "beyond the YAML limits (one document, depth 32, 100,000 nodes, 1,000 anchors and aliases, 100,000 events replayed from aliases): {message}"
-            );
-        }
-        // Name the key: the parser gives the value's position, and the key is the word before
-        // the last `:` ahead of it on that line.
-        let key = e
-            .location()
-            .and_then(|l| key_before(yaml, l.line(), l.column()));
-        match key {
-            Some(k) if !message.contains(&format!("`{k}`")) => format!("{k}: {message}"),
-            _ => message,
-        }
-    })
-}
-
-/// The mapping key written before 1-based `column` on 1-based `line`, if it is a plain word.
-fn key_before(yaml: &str, line: u64, column: u64) -> Option<String> {
-    let text = yaml
-        .lines()
-        .nth(usize::try_from(line).ok()?.checked_sub(1)?)?;
-    let upto: String = text
-        .chars()
-        .take(usize::try_from(column).ok()?.saturating_sub(1))
-        .collect();
-    let before_colon = upto.rsplit_once(':')?.0.trim_end();
-    let key: String = before_colon
-        .chars()
-        .rev()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
-        .collect::<Vec<_>>()
-        .into_iter()
-        .rev()
-        .collect();
-    (!key.is_empty()).then_some(key)
-}
-
-/// The parser's plain message (no source snippet: it would print the line), with quoted values
-/// removed from serde's "invalid type/value" and "unknown variant" phrasings.
-fn scrub_yaml_error(e: &serde_saphyr::Error) -> String {
-    let msg = e
-        .without_snippet()
-        .to_string()
-        .replace(", set DuplicateKeyPolicy in Options if acceptable", "");
-    let mut out = String::with_capacity(msg.len());
-    let mut rest = msg.as_str();
-    loop {
-        // `string "…"` (invalid type/value) and "unknown variant `…`" carry the value.
-        let quoted = [("string \"", '"'), ("variant `", '`')]
-            .iter()
-            .filter_map(|(open, close)| rest.find(open).map(|i| (i, *open, *close)))
-            .min_by_key(|(i, _, _)| *i);
-        let Some((i, open, close)) = quoted else {
-            out.push_str(rest);
-            return out;
-        };
-        let after = i + open.len();
-        out.push_str(&rest[..i]);
-        out.push_str(open.trim_end_matches(['"', '`']).trim_end());
-        match rest[after..].find(close) {
-            Some(j) => rest = &rest[after + j + 1..],
-            None => return out,
-        }
-    }
-}
-
 /// A bound written the way a user writes durations: `250ms`, `90s`, `5m`, `12h`.
 pub fn show(d: Duration) -> String {
     let secs = d.as_secs();
@@ -1013,14 +898,14 @@ other_hosts: deny
     #[test]
     fn errors_never_echo_a_value() {
         for (yaml, key) in [
-            ("tokens: { refresh_margin: ya29.SECRET-TOKEN }", "refresh_margin"),
-            ("tokens:\n  safety_window: \"ya29.SECRET-TOKEN\"\n", "safety_window"),
-            ("tokens: { jitter: 5ya29.SECRET-TOKEN }", "jitter"),
+            ("tokens: { refresh_margin: ya29.SECRET-TOKEN }", "tokens.refresh_margin"),
+            ("tokens:\n  safety_window: \"ya29.SECRET-TOKEN\"\n", "tokens.safety_window"),
+            ("tokens: { jitter: 5ya29.SECRET-TOKEN }", "tokens.jitter"),
             ("other_hosts: ya29.SECRET-TOKEN", "other_hosts"),
-            ("limits: { max_connections: ya29.SECRET-TOKEN }", "max_connections"),
-            ("tokens: { warm: ya29.SECRET-TOKEN }", "warm"),
+            ("limits: { max_connections: ya29.SECRET-TOKEN }", "limits.max_connections"),
+            ("tokens: { warm: ya29.SECRET-TOKEN }", "tokens.warm"),
             ("source: { ya29.SECRET-TOKEN: x }", "source"),
-            ("allowed_ports: [ya29.SECRET-TOKEN]", "allowed_ports"),
+            ("allowed_ports: [ya29.SECRET-TOKEN]", "allowed_ports[0]"),
             ("listen: ya29.SECRET-TOKEN", "listen"),
             (
                 "identities:\n  a: { service_account: ya29.SECRET-TOKEN }",
