@@ -63,6 +63,7 @@ pub fn check(config_path: &Path, url: Option<&str>, method: &str) -> Result<(), 
                     timing_line(&config, std::time::Duration::from_secs(3600))
                 );
             }
+            println!("{}", timing_rules(&config));
             println!("\nroutes (first match wins):\n{}", table.describe());
             println!(
                 "other hosts: {:?}; unmatched paths on routed hosts: {:?}",
@@ -81,18 +82,31 @@ fn timing_line(config: &Config, life: std::time::Duration) -> String {
     let settings = crate::tokens::Settings::from(&config.tokens);
     match settings.timing(life) {
         Ok(t) => format!(
-            "renewed {} before expiry ({}), up to {} earlier at random (tokens.jitter); never served with less than {} left (tokens.safety_window)",
+            "renewed {} before expiry ({}), never served with less than {} left",
             show(t.margin),
             if t.derived {
-                "derived: tokens.safety_window plus 5m, or plus a quarter of the rest of the lifetime when shorter"
+                "derived"
             } else {
                 "tokens.refresh_margin"
             },
-            show(config.tokens.jitter),
             show(config.tokens.safety_window),
         ),
         Err(_) => "no valid token timing".into(),
     }
+}
+
+/// The token timing rules in one line, under the identities.
+fn timing_rules(config: &Config) -> String {
+    use crate::config::show;
+    let margin = match config.tokens.refresh_margin {
+        Some(m) => format!("tokens.refresh_margin {} as configured", show(m)),
+        None => "derived margins (tokens.safety_window plus 5m, or plus a quarter of the rest of the lifetime when shorter)".into(),
+    };
+    format!(
+        "tokens: {margin}; refreshes up to {} earlier at random (tokens.jitter); each starts at least {} (iam.timeout) before its token stops being served, so a warm request never waits on IAM",
+        show(config.tokens.jitter),
+        show(config.iam.timeout),
+    )
 }
 
 /// Which route and identity a request would get, in one line.

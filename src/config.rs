@@ -316,6 +316,9 @@ impl Default for TokensConfig {
     }
 }
 
+const MARGIN_ABOVE_WINDOW: &str = "must be longer than tokens.safety_window, so that a token is renewed before it stops being served and a warm request never waits on IAM";
+const MARGIN_AND_IAM_TIMEOUT: &str = "must exceed tokens.safety_window by at least iam.timeout, so that a refresh ends before the token stops being served";
+
 impl Config {
     /// Parse and validate; `file` only names the source in errors.
     pub fn from_yaml(yaml: &str, file: &str) -> Result<Config, ConfigError> {
@@ -469,6 +472,16 @@ impl Config {
             lives.push((format!("routes[{i}].id_token"), Duration::from_secs(3600)));
         }
         let margin_key = "tokens.refresh_margin".to_string();
+        // The rules that hold whatever the lifetimes, checked even with no identity yet.
+        if let Some(m) = self.tokens.refresh_margin {
+            let window = self.tokens.safety_window;
+            if m <= window {
+                return Err((margin_key, MARGIN_ABOVE_WINDOW.into()));
+            }
+            if m - window < self.iam.timeout {
+                return Err((margin_key, MARGIN_AND_IAM_TIMEOUT.into()));
+            }
+        }
         for (key, life) in lives {
             let timing = settings.timing(life).map_err(|e| match e {
                 TimingError::NeverServable => (
@@ -476,11 +489,9 @@ impl Config {
                     "must be longer than tokens.safety_window (a token with less left is never served)"
                         .to_string(),
                 ),
-                TimingError::MarginNotAboveSafety => (
-                    margin_key.clone(),
-                    "must be longer than tokens.safety_window, so that a token is renewed before it stops being served and a warm request never waits on IAM"
-                        .to_string(),
-                ),
+                TimingError::MarginNotAboveSafety => {
+                    (margin_key.clone(), MARGIN_ABOVE_WINDOW.to_string())
+                }
                 TimingError::MarginTooLong => (
                     margin_key.clone(),
                     format!(
@@ -942,6 +953,14 @@ other_hosts: deny
     /// on IAM. Margin, window, lifetimes and the IAM timeout are validated together.
     #[test]
     fn token_timing_is_validated_together() {
+        // The case needs no identity to be refused.
+        let err = Config::from_yaml("tokens: { refresh_margin: 3s, safety_window: 10s }", "c")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokens.refresh_margin"), "{err}");
+        assert!(
+            Config::from_yaml("tokens: { refresh_margin: 15s, safety_window: 10s }", "c").is_err()
+        );
         let id =
             "identities:\n  a: { service_account: a@p.iam.gserviceaccount.com, lifetime: LIFE }\n";
         let cfg = |life: &str, tokens: &str| {

@@ -38,8 +38,8 @@ async fn check_prints_the_table_and_dry_runs_urls() {
     );
     // Token timing, and whether the margin was configured or derived.
     assert!(
-        t.contains("renewed 6m before expiry (derived")
-            && t.contains("never served with less than 1m left"),
+        t.contains("renewed 6m before expiry (derived), never served with less than 1m left")
+            && t.contains("tokens: derived margins"),
         "{t}"
     );
     let o = run(&[
