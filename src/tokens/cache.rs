@@ -383,7 +383,7 @@ mod tests {
         let slot = engine.slot(spec());
         slot.authorization().await.unwrap();
         for _ in 0..800 {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::advance(Duration::from_millis(100)).await;
             let asked = Instant::now();
             let h = slot.authorization().await.unwrap();
             assert_eq!(Instant::now(), asked, "a warm request waited on IAM");
@@ -404,7 +404,9 @@ mod tests {
         assert!(!err.contains("tok-1"), "{err}");
         assert!(slot.try_current().is_none());
         // Retried with backoff, not in a loop.
-        tokio::time::sleep(Duration::from_secs(60)).await;
+        for _ in 0..60 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
         let calls = fake.calls.load(Ordering::SeqCst);
         assert!(calls <= 7, "{calls} mints in a minute");
     }
