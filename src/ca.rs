@@ -57,7 +57,10 @@ impl CertificateAuthority {
     /// Load `ca.cert`/`ca.key`, creating both (key mode 0600) if neither exists.
     pub fn load_or_create(cfg: &CaConfig) -> Result<CertificateAuthority, CaError> {
         let (cert, key) = (cfg.cert.as_path(), cfg.key.as_path());
-        let ca = match (cert.exists(), key.exists()) {
+        // `symlink_metadata`, not `exists`: a dangling symbolic link counts as present, so it
+        // is reported instead of being followed into creating its target.
+        let present = |p: &Path| std::fs::symlink_metadata(p).is_ok();
+        let ca = match (present(cert), present(key)) {
             (true, true) => CertificateAuthority::load(cert, key)?,
             (false, false) => {
                 tracing::info!(cert = %cert.display(), "creating a new local CA");
@@ -69,16 +72,25 @@ impl CertificateAuthority {
         Ok(ca.with_leaf_settings(cfg.leaf_lifetime, cfg.leaf_cache))
     }
 
-    /// Create a new CA at these paths; refuses to overwrite unless `force`.
+    /// Create a new CA at these paths; refuses to overwrite unless `force`, and never writes
+    /// through a symbolic link, dangling or not, with or without `force`: a link planted at
+    /// `certs/ca-key.pem` must not receive the key.
     pub fn create(cert: &Path, key: &Path, force: bool) -> Result<CertificateAuthority, CaError> {
-        if !force {
-            for p in [cert, key] {
-                if p.exists() {
+        for p in [cert, key] {
+            match std::fs::symlink_metadata(p) {
+                Ok(meta) if meta.file_type().is_symlink() => {
+                    return Err(file_err(
+                        p,
+                        "is a symbolic link; refusing to write through it (remove the link first)",
+                    ))
+                }
+                Ok(_) if !force => {
                     return Err(file_err(
                         p,
                         "already exists (use --force to replace the CA)",
-                    ));
+                    ))
                 }
+                _ => {}
             }
         }
         let key_pair = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
@@ -106,8 +118,8 @@ impl CertificateAuthority {
                 std::fs::create_dir_all(dir).map_err(|e| file_err(dir, e))?;
             }
         }
-        write_private(key, key_pair.serialize_pem().as_bytes())?;
-        std::fs::write(cert, cert_obj.pem()).map_err(|e| file_err(cert, e))?;
+        write_new_file(key, key_pair.serialize_pem().as_bytes(), 0o600, force)?;
+        write_new_file(cert, cert_obj.pem().as_bytes(), 0o644, force)?;
         let cert_der = cert_obj.der().clone();
         Ok(CertificateAuthority::from_parts(
             Issuer::new(params, key_pair),
@@ -117,7 +129,10 @@ impl CertificateAuthority {
     }
 
     fn load(cert: &Path, key: &Path) -> Result<CertificateAuthority, CaError> {
-        warn_if_readable_by_others(key);
+        // Loading follows links on purpose: Kubernetes mounts Secrets as symbolic links.
+        for warning in permission_warnings(cert, key) {
+            tracing::warn!("{warning}");
+        }
         let key_pem = std::fs::read_to_string(key).map_err(|e| file_err(key, e))?;
         // rcgen's error text never includes key material.
         let key_pair = KeyPair::from_pem(&key_pem)
@@ -174,7 +189,9 @@ impl CertificateAuthority {
         // Two first requests for one name may both mint; the loser's leaf is simply dropped.
         // That costs a fraction of a millisecond once and keeps the lock out of minting.
         let config = Arc::new(self.mint(&name)?);
-        let renew_at = now + self.leaf_lifetime.mul_f64(0.75);
+        let renew_at = now
+            .checked_add(self.leaf_lifetime.mul_f64(0.75))
+            .unwrap_or(now);
         if let Ok(mut leaves) = self.leaves.lock() {
             if leaves.len() >= self.capacity && !leaves.contains_key(&name) {
                 let oldest = leaves
@@ -225,8 +242,11 @@ impl CertificateAuthority {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::hours(1);
-        params.not_after =
-            now + time::Duration::try_from(self.leaf_lifetime).map_err(|e| err(e.to_string()))?;
+        // Checked: `+` on a date panics on overflow, and a lifetime comes from the config.
+        params.not_after = time::Duration::try_from(self.leaf_lifetime)
+            .ok()
+            .and_then(|d| now.checked_add(d))
+            .ok_or_else(|| err("the leaf lifetime is out of range".into()))?;
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         let cert = params
@@ -252,40 +272,122 @@ impl CertificateAuthority {
         }
         let _ = writeln!(out, "# impersonate-proxy local CA");
         out.push_str(&self.cert_pem);
-        std::fs::write(path, out).map_err(|e| file_err(path, e))
+        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(file_err(
+                path,
+                "is a symbolic link; refusing to write through it (remove the link first)",
+            ));
+        }
+        write_new_file(path, out.as_bytes(), 0o644, true)
     }
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+/// Write `bytes` to `path` as a new file that no one else has held open and that no link
+/// redirects: they go to a temporary file beside `path`, created with
+/// `O_CREAT | O_EXCL | O_NOFOLLOW` and its final `mode` (so a key is never readable by others,
+/// even briefly), synced, then renamed over `path` (`replace`) or hard-linked to it, which fails
+/// if anything, even a dangling link, appeared there since the caller looked. Neither `rename`
+/// nor `link` follows a link at the destination; they replace or refuse the link itself.
+fn write_new_file(path: &Path, bytes: &[u8], mode: u32, replace: bool) -> Result<(), CaError> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| file_err(path, "not a file name"))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.{:08x}.tmp",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        // The mode is set at creation, so the key is never readable by others, even briefly.
-        opts.mode(0o600);
+        opts.mode(mode).custom_flags(libc::O_NOFOLLOW);
     }
-    let mut f = opts.open(path).map_err(|e| file_err(path, e))?;
-    #[cfg(unix)]
-    {
-        // `mode` only applies to new files; a --force over an existing file tightens it here.
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| file_err(path, e))?;
-    }
-    f.write_all(bytes).map_err(|e| file_err(path, e))
+    #[cfg(not(unix))]
+    let _ = mode;
+    let written = opts.open(&tmp).and_then(|mut f| {
+        #[cfg(unix)]
+        {
+            // The umask may have cleared bits of `mode`; set exactly what was asked for.
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        }
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    let placed = written.and_then(|()| {
+        if replace {
+            std::fs::rename(&tmp, path)
+        } else {
+            std::fs::hard_link(&tmp, path).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    return Err(e);
+                }
+                // A filesystem without hard links: rename after looking (a narrower guarantee
+                // against a racing writer, but rename still never follows a link).
+                match std::fs::symlink_metadata(path) {
+                    Ok(_) => Err(std::io::ErrorKind::AlreadyExists.into()),
+                    Err(_) => std::fs::rename(&tmp, path),
+                }
+            })
+        }
+    });
+    // After a rename the temporary name is gone; after a link or a failure it is removed.
+    let _ = std::fs::remove_file(&tmp);
+    placed.map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => {
+            file_err(path, "already exists (use --force to replace the CA)")
+        }
+        _ => file_err(path, e),
+    })
 }
 
-fn warn_if_readable_by_others(key: &Path) {
+/// What a user should fix about who else may touch the CA files: a directory or certificate
+/// writable by group or others (whoever can replace the certificate can make clients trust
+/// their own CA, and whoever can write the directory can swap either file or plant links), and
+/// a key readable by group or others. Empty when all is well or off Unix.
+pub fn permission_warnings(cert: &Path, key: &Path) -> Vec<String> {
+    let mut out = Vec::new();
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if let Ok(meta) = std::fs::metadata(key) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                tracing::warn!(key = %key.display(), "the CA key is readable by group or others; chmod 600 it");
+        let mode = |p: &Path| std::fs::metadata(p).ok().map(|m| m.permissions().mode());
+        let mut dirs: Vec<&Path> = Vec::new();
+        for p in [cert, key] {
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            if !dirs.contains(&dir) {
+                dirs.push(dir);
             }
         }
+        for dir in dirs {
+            if mode(dir).is_some_and(|m| m & 0o022 != 0) {
+                out.push(format!(
+                    "{}: the CA directory is writable by group or others; chmod go-w it",
+                    dir.display()
+                ));
+            }
+        }
+        if mode(cert).is_some_and(|m| m & 0o022 != 0) {
+            out.push(format!(
+                "{}: the CA certificate is writable by group or others; chmod go-w it",
+                cert.display()
+            ));
+        }
+        if mode(key).is_some_and(|m| m & 0o077 != 0) {
+            out.push(format!(
+                "{}: the CA key is readable by group or others; chmod 600 it",
+                key.display()
+            ));
+        }
     }
+    #[cfg(not(unix))]
+    let _ = (cert, key);
+    out
 }
 
 fn first_pem_cert(pem: &str) -> Option<CertificateDer<'static>> {
@@ -384,6 +486,113 @@ mod tests {
             err.contains("ca-key.pem") && err.contains("missing"),
             "{err}"
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn force_never_writes_through_a_symlinked_key_or_cert() {
+        crate::install_crypto_provider();
+        let dir = temp_dir("symlink");
+        let c = cfg(&dir);
+        let victim = dir.join("someone-elses-file");
+        std::fs::write(&victim, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&victim, &c.key).unwrap();
+        let err = CertificateAuthority::create(&c.cert, &c.key, true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        assert!(!c.cert.exists(), "nothing written when one path is refused");
+        // The same for the certificate, with a real key file beside it.
+        std::fs::remove_file(&c.key).unwrap();
+        std::os::unix::fs::symlink(&victim, &c.cert).unwrap();
+        assert!(CertificateAuthority::create(&c.cert, &c.key, true).is_err());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_dangling_symlink_is_reported_not_followed() {
+        crate::install_crypto_provider();
+        let dir = temp_dir("dangling");
+        let c = cfg(&dir);
+        let target = dir.join("created-through-the-link");
+        std::os::unix::fs::symlink(&target, &c.key).unwrap();
+        for force in [false, true] {
+            assert!(CertificateAuthority::create(&c.cert, &c.key, force).is_err());
+            assert!(
+                !target.exists(),
+                "force={force}: the link's target was created"
+            );
+        }
+        // Start-up (`run`, `env`) takes the same care when it creates the CA.
+        let err = CertificateAuthority::load_or_create(&c)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("ca.pem") && err.contains("missing"), "{err}");
+        assert!(!target.exists());
+        // Nothing but the link and no temporary files are left behind.
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("ca-key.pem")]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn force_replaces_a_lax_key_with_a_private_file_and_no_leftovers() {
+        use std::os::unix::fs::PermissionsExt;
+        crate::install_crypto_provider();
+        let dir = temp_dir("force");
+        let c = cfg(&dir);
+        std::fs::write(&c.key, "old").unwrap();
+        std::fs::set_permissions(&c.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::write(&c.cert, "old").unwrap();
+        let ca = CertificateAuthority::create(&c.cert, &c.key, true).unwrap();
+        let mode = std::fs::metadata(&c.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&c.cert).unwrap(), ca.cert_pem());
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            2,
+            "no temporary files left"
+        );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_group_writable_ca_directory_or_cert_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        crate::install_crypto_provider();
+        let dir = temp_dir("perms");
+        let c = cfg(&dir);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        CertificateAuthority::create(&c.cert, &c.key, false).unwrap();
+        assert_eq!(permission_warnings(&c.cert, &c.key), Vec::<String>::new());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+        std::fs::set_permissions(&c.cert, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let w = permission_warnings(&c.cert, &c.key).join("\n");
+        assert!(w.contains("CA directory is writable"), "{w}");
+        assert!(w.contains("CA certificate is writable"), "{w}");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_huge_leaf_lifetime_is_an_error_not_a_panic() {
+        crate::install_crypto_provider();
+        let dir = temp_dir("huge");
+        let ca = CertificateAuthority::load_or_create(&cfg(&dir))
+            .unwrap()
+            .with_leaf_settings(Duration::from_secs(9_000_000_000_000_000_000), 4);
+        assert!(ca.server_config("a.googleapis.com").is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -55,7 +55,15 @@ pub fn check(config_path: &Path, url: Option<&str>, method: &str) -> Result<(), 
                     id.service_account,
                     id.lifetime.as_secs()
                 );
+                println!("    {}", timing_line(&config, id.lifetime));
             }
+            if config.routes.iter().any(|r| r.id_token.is_some()) {
+                println!(
+                    "  ID tokens (1h, Google's): {}",
+                    timing_line(&config, std::time::Duration::from_secs(3600))
+                );
+            }
+            println!("{}", timing_rules(&config));
             println!("\nroutes (first match wins):\n{}", table.describe());
             println!(
                 "other hosts: {:?}; unmatched paths on routed hosts: {:?}",
@@ -65,6 +73,40 @@ pub fn check(config_path: &Path, url: Option<&str>, method: &str) -> Result<(), 
         Some(url) => println!("{}", dry_run(&config, &table, url, method)?),
     }
     Ok(())
+}
+
+/// When a token of this lifetime is renewed and how long it is served, and whether the margin
+/// was configured or derived; the config was validated, so the timing exists.
+fn timing_line(config: &Config, life: std::time::Duration) -> String {
+    use crate::config::show;
+    let settings = crate::tokens::Settings::from(&config.tokens);
+    match settings.timing(life) {
+        Ok(t) => format!(
+            "renewed {} before expiry ({}), never served with less than {} left",
+            show(t.margin),
+            if t.derived {
+                "derived"
+            } else {
+                "tokens.refresh_margin"
+            },
+            show(config.tokens.safety_window),
+        ),
+        Err(_) => "no valid token timing".into(),
+    }
+}
+
+/// The token timing rules in one line, under the identities.
+fn timing_rules(config: &Config) -> String {
+    use crate::config::show;
+    let margin = match config.tokens.refresh_margin {
+        Some(m) => format!("tokens.refresh_margin {} as configured", show(m)),
+        None => "derived margins (tokens.safety_window plus 5m, or plus a quarter of the rest of the lifetime when shorter)".into(),
+    };
+    format!(
+        "tokens: {margin}; refreshes up to {} earlier at random (tokens.jitter); each starts at least {} (iam.timeout) before its token stops being served, so a warm request never waits on IAM",
+        show(config.tokens.jitter),
+        show(config.iam.timeout),
+    )
 }
 
 /// Which route and identity a request would get, in one line.
@@ -173,10 +215,13 @@ pub fn ca_init(config_path: &Path, force: bool) -> Result<(), CliError> {
     };
     CertificateAuthority::create(&ca_cfg.cert, &ca_cfg.key, force)?;
     println!(
-        "created {} and {} (mode 0600)",
+        "created {} and {} (key mode 0600)",
         ca_cfg.cert.display(),
         ca_cfg.key.display()
     );
+    for warning in crate::ca::permission_warnings(&ca_cfg.cert, &ca_cfg.key) {
+        eprintln!("warning: {warning}");
+    }
     Ok(())
 }
 

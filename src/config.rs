@@ -17,6 +17,7 @@ pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-pl
 pub const DEFAULT_IAM_ENDPOINT: &str = "https://iamcredentials.googleapis.com";
 /// Longest lifetime Google grants, and only with the org-policy extension.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(43_200);
+pub use crate::yaml::{from_str as yaml_from_str, read_bounded, MAX_YAML_BYTES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -26,7 +27,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// serde_yaml's message names the key and the line and column.
+    /// The parser's message names the key and the line and column, never the value.
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
     #[error("{file}: {key}: {message}")]
@@ -47,7 +48,6 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     pub ca: CaConfig,
     /// One-key map (`{ file: creds.json }`), the shape users write.
-    #[serde(with = "serde_yaml::with::singleton_map")]
     pub source: SourceConfig,
     pub iam: IamConfig,
     pub identities: BTreeMap<String, IdentityConfig>,
@@ -310,14 +310,16 @@ impl Default for LimitsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TokensConfig {
-    /// Renew this long before expiry; default 5 min, or a quarter of the lifetime when that is
-    /// shorter.
+    /// Renew this long before expiry. Unset, it is derived per lifetime: the safety window
+    /// plus 5 min, or plus a quarter of the rest of the lifetime when that is shorter. Set, it
+    /// must exceed the safety window by at least `iam.timeout` and is never changed silently.
     #[serde(deserialize_with = "de_opt_duration")]
     pub refresh_margin: Option<Duration>,
-    /// Up to this much random extra margin, so identities do not refresh in one burst.
+    /// Up to this much random extra margin, so identities do not refresh in one burst (at most
+    /// half the time until the refresh, so a short token is not renewed at once).
     #[serde(deserialize_with = "de_duration")]
     pub jitter: Duration,
-    /// A token with less than this left is never served.
+    /// A token with less than this left is never served, whatever its lifetime.
     #[serde(deserialize_with = "de_duration")]
     pub safety_window: Duration,
     /// Mint every configured identity's tokens at start-up.
@@ -385,12 +387,15 @@ pub enum FacadeTokens {
     Real,
 }
 
+const MARGIN_ABOVE_WINDOW: &str = "must be longer than tokens.safety_window, so that a token is renewed before it stops being served and a warm request never waits on IAM";
+const MARGIN_AND_IAM_TIMEOUT: &str = "must exceed tokens.safety_window by at least iam.timeout, so that a refresh ends before the token stops being served";
+
 impl Config {
     /// Parse and validate; `file` only names the source in errors.
     pub fn from_yaml(yaml: &str, file: &str) -> Result<Config, ConfigError> {
-        let config: Config = serde_yaml::from_str(yaml).map_err(|e| ConfigError::Parse {
+        let config: Config = yaml_from_str(yaml).map_err(|message| ConfigError::Parse {
             file: file.to_string(),
-            message: scrub_yaml_error(&e),
+            message,
         })?;
         config.validate(file)?;
         Ok(config)
@@ -400,29 +405,30 @@ impl Config {
     /// directory, as a user typing them expects.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_bounded(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
             source,
         })?;
         Config::from_yaml(&text, &file)
     }
 
-    /// Cross-field rules that serde cannot express.
+    /// Bounds on every number and duration, and the cross-field rules that serde cannot
+    /// express. Messages name the key and the rule, never the value: it may be a secret typed
+    /// into the wrong key.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let invalid = |key: String, message: String| ConfigError::Invalid {
             file: file.to_string(),
             key,
             message,
         };
+        self.check_bounds()
+            .map_err(|(key, message)| invalid(key, message))?;
         for (name, id) in &self.identities {
             let key = |k: &str| format!("identities.{name}.{k}");
             if !is_service_account_email(&id.service_account) {
                 return Err(invalid(
                     key("service_account"),
-                    format!(
-                        "`{}` is not a service account email (NAME@PROJECT.iam.gserviceaccount.com)",
-                        id.service_account
-                    ),
+                    "not a service account email (NAME@PROJECT.iam.gserviceaccount.com)".into(),
                 ));
             }
             for (i, d) in id.delegates.iter().enumerate() {
@@ -430,7 +436,7 @@ impl Config {
                 if !is_service_account_email(email) {
                     return Err(invalid(
                         format!("identities.{name}.delegates[{i}]"),
-                        format!("`{d}` is not a service account email"),
+                        "not a service account email".into(),
                     ));
                 }
             }
@@ -440,18 +446,23 @@ impl Config {
                     "at least one scope is required".into(),
                 ));
             }
-            if id.lifetime.is_zero() || id.lifetime > MAX_LIFETIME {
-                return Err(invalid(
-                    key("lifetime"),
-                    format!(
-                        "{}s is outside 1s..=43200s (over 3600s needs the org-policy extension)",
-                        id.lifetime.as_secs()
-                    ),
-                ));
-            }
         }
+        let mut names = std::collections::BTreeSet::new();
         for (i, r) in self.routes.iter().enumerate() {
             let key = |k: &str| format!("routes[{i}].{k}");
+            if let Some(name) = &r.name {
+                if name.is_empty() {
+                    return Err(invalid(key("name"), "must not be empty".into()));
+                }
+            }
+            // Names appear in logs, metrics and errors; two routes of one name would make them
+            // ambiguous (an unnamed route is `route-N`, which a named one may not reuse either).
+            if !names.insert(self.route_name(i)) {
+                return Err(invalid(
+                    key("name"),
+                    "the same name as an earlier route (unnamed routes are route-N)".into(),
+                ));
+            }
             let kinds = [r.identity.is_some(), r.id_token.is_some(), r.passthrough];
             if kinds.iter().filter(|k| **k).count() != 1 {
                 return Err(invalid(
@@ -460,19 +471,21 @@ impl Config {
                         .into(),
                 ));
             }
-            let named = r
-                .identity
-                .as_deref()
-                .or(r.id_token.as_ref().map(|t| t.identity.as_str()));
-            if let Some(n) = named {
+            if let Some(n) = &r.identity {
                 if !self.identities.contains_key(n) {
                     return Err(invalid(
                         key("identity"),
-                        format!("unknown identity `{n}` (not under `identities`)"),
+                        "names no identity under `identities`".into(),
                     ));
                 }
             }
             if let Some(t) = &r.id_token {
+                if !self.identities.contains_key(&t.identity) {
+                    return Err(invalid(
+                        key("id_token.identity"),
+                        "names no identity under `identities`".into(),
+                    ));
+                }
                 if t.audience.is_empty() {
                     return Err(invalid(
                         key("id_token.audience"),
@@ -481,29 +494,29 @@ impl Config {
                 }
             }
         }
+        self.check_token_timing()
+            .map_err(|(key, message)| invalid(key, message))?;
         if self.allowed_ports.is_empty() {
             return Err(invalid(
                 "allowed_ports".into(),
                 "at least one port is required".into(),
             ));
         }
-        if self.limits.max_connections == 0 {
+        if self.allowed_ports.contains(&0) {
             return Err(invalid(
-                "limits.max_connections".into(),
-                "must be at least 1".into(),
+                "allowed_ports".into(),
+                "port 0 is not a port".into(),
             ));
         }
-        if self.limits.workers > 1024 {
-            return Err(invalid(
-                "limits.workers".into(),
-                "at most 1024 (0 means one per core)".into(),
-            ));
+        match url::Url::parse(&self.iam.endpoint) {
+            Ok(u) if matches!(u.scheme(), "https" | "http") && u.has_host() => {}
+            _ => {
+                return Err(invalid(
+                    "iam.endpoint".into(),
+                    "not an http:// or https:// URL".into(),
+                ))
+            }
         }
-        if self.ca.leaf_cache == 0 {
-            return Err(invalid("ca.leaf_cache".into(), "must be at least 1".into()));
-        }
-        url::Url::parse(&self.iam.endpoint)
-            .map_err(|e| invalid("iam.endpoint".into(), format!("not a URL: {e}")))?;
         if let Some(proxy) = &self.outbound_proxy {
             // Not echoed: a proxy URL may carry a password.
             let ok = url::Url::parse(proxy)
@@ -560,6 +573,184 @@ impl Config {
         Ok(())
     }
 
+    /// `tokens.refresh_margin`, `tokens.safety_window` and each lifetime together (see
+    /// [`crate::tokens::Settings::timing`]): every token is renewed before it stops being
+    /// served, early enough that one IAM call, timed out or not, ends before then. So a warm
+    /// request never waits on IAM.
+    fn check_token_timing(&self) -> Result<(), (String, String)> {
+        use crate::tokens::{Settings, TimingError};
+        let settings = Settings::from(&self.tokens);
+        let mut lives: Vec<(String, Duration)> = self
+            .identities
+            .iter()
+            .map(|(name, id)| (format!("identities.{name}.lifetime"), id.lifetime))
+            .collect();
+        // Google's ID tokens live an hour, whatever the identity's lifetime.
+        if let Some(i) = self.routes.iter().position(|r| r.id_token.is_some()) {
+            lives.push((format!("routes[{i}].id_token"), Duration::from_secs(3600)));
+        }
+        let margin_key = "tokens.refresh_margin".to_string();
+        // The rules that hold whatever the lifetimes, checked even with no identity yet.
+        if let Some(m) = self.tokens.refresh_margin {
+            let window = self.tokens.safety_window;
+            if m <= window {
+                return Err((margin_key, MARGIN_ABOVE_WINDOW.into()));
+            }
+            if m - window < self.iam.timeout {
+                return Err((margin_key, MARGIN_AND_IAM_TIMEOUT.into()));
+            }
+        }
+        for (key, life) in lives {
+            let timing = settings.timing(life).map_err(|e| match e {
+                TimingError::NeverServable => (
+                    key.clone(),
+                    "must be longer than tokens.safety_window (a token with less left is never served)"
+                        .to_string(),
+                ),
+                TimingError::MarginNotAboveSafety => {
+                    (margin_key.clone(), MARGIN_ABOVE_WINDOW.to_string())
+                }
+                TimingError::MarginTooLong => (
+                    margin_key.clone(),
+                    format!(
+                        "too long for {key}: at most tokens.safety_window plus half of the rest of the lifetime (or leave it unset to derive it)"
+                    ),
+                ),
+            })?;
+            if timing.lead(life) < self.iam.timeout {
+                return Err(if timing.derived {
+                    (
+                        key,
+                        "too short for tokens.safety_window and iam.timeout: the derived refresh would start less than iam.timeout before the token stops being served"
+                            .to_string(),
+                    )
+                } else {
+                    (
+                        margin_key,
+                        format!(
+                            "must exceed tokens.safety_window by at least iam.timeout, so that a refresh ends before a token of {key} stops being served"
+                        ),
+                    )
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Every number and duration within bounds that keep the proxy from panicking or hanging
+    /// on arithmetic with them (an `Instant` plus 2^64 seconds, a semaphore of 2^62 permits)
+    /// and from accepting values that make no sense. `(key, rule)` of the first one out.
+    fn check_bounds(&self) -> Result<(), (String, String)> {
+        const S: u64 = 1;
+        const M: u64 = 60;
+        const H: u64 = 3600;
+        let ms = Duration::from_millis;
+        let secs = Duration::from_secs;
+        let durations = [
+            (
+                "ca.leaf_lifetime",
+                self.ca.leaf_lifetime,
+                secs(M),
+                secs(720 * H),
+            ),
+            ("iam.timeout", self.iam.timeout, secs(S), secs(5 * M)),
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                ms(100),
+                secs(5 * M),
+            ),
+            (
+                "upstream.response_timeout",
+                self.upstream.response_timeout,
+                secs(S),
+                secs(24 * H),
+            ),
+            (
+                "upstream.idle_timeout",
+                self.upstream.idle_timeout,
+                secs(S),
+                secs(24 * H),
+            ),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+                ms(100),
+                secs(H),
+            ),
+            (
+                "limits.idle_timeout",
+                self.limits.idle_timeout,
+                secs(S),
+                secs(24 * H),
+            ),
+            (
+                "limits.drain_timeout",
+                self.limits.drain_timeout,
+                Duration::ZERO,
+                secs(H),
+            ),
+            ("tokens.jitter", self.tokens.jitter, Duration::ZERO, secs(H)),
+            (
+                "tokens.safety_window",
+                self.tokens.safety_window,
+                Duration::ZERO,
+                secs(H),
+            ),
+            (
+                "tokens.refresh_margin",
+                self.tokens.refresh_margin.unwrap_or(secs(M)),
+                secs(S),
+                MAX_LIFETIME,
+            ),
+        ];
+        for (key, value, min, max) in durations {
+            if value < min || value > max {
+                return Err((
+                    key.to_string(),
+                    format!("must be from {} to {}", show(min), show(max)),
+                ));
+            }
+        }
+        for (name, id) in &self.identities {
+            if id.lifetime < secs(S) || id.lifetime > MAX_LIFETIME {
+                return Err((
+                    format!("identities.{name}.lifetime"),
+                    "must be from 1s to 12h (over 1h needs the org-policy extension)".into(),
+                ));
+            }
+        }
+        let counts = [
+            ("ca.leaf_cache", self.ca.leaf_cache, 1, 1_000_000),
+            (
+                "limits.max_connections",
+                self.limits.max_connections,
+                1,
+                1_000_000,
+            ),
+            (
+                "limits.max_header_bytes",
+                self.limits.max_header_bytes,
+                1024,
+                1 << 20,
+            ),
+            ("limits.workers", self.limits.workers, 0, 1024),
+        ];
+        for (key, value, min, max) in counts {
+            if value < min || value > max {
+                let also = if key == "limits.workers" {
+                    " (0 means one per core)"
+                } else {
+                    ""
+                };
+                return Err((
+                    key.to_string(),
+                    format!("must be from {min} to {max}{also}"),
+                ));
+            }
+        }
+        Ok(())
+    }
     /// The route's display name: its `name`, or `route-N`.
     pub fn route_name(&self, index: usize) -> String {
         self.routes
@@ -598,29 +789,22 @@ pub fn is_service_account_email(s: &str) -> bool {
     }
 }
 
-/// serde_yaml quotes offending scalars in "invalid type/value" messages; those may be secrets
-/// typed into the wrong key, so the quoted part is dropped and only the location and the
-/// expectation are kept.
-fn scrub_yaml_error(e: &serde_yaml::Error) -> String {
-    let msg = e.to_string();
-    match (
-        msg.find("invalid type: string \""),
-        msg.find("invalid value: string \""),
-    ) {
-        (Some(start), _) | (None, Some(start)) => {
-            // `invalid type: string "…", expected X at line L column C`
-            let head = &msg[..start];
-            let tail = msg[start..]
-                .find("\", expected")
-                .map(|i| &msg[start + i + 2..])
-                .unwrap_or("");
-            format!("{head}invalid string{tail}")
-        }
-        _ => msg,
+/// A bound written the way a user writes durations: `250ms`, `90s`, `5m`, `12h`.
+pub fn show(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_millis() != 0 || (secs == 0 && !d.is_zero()) {
+        format!("{}ms", d.as_millis())
+    } else if secs != 0 && secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else if secs != 0 && secs.is_multiple_of(60) {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
     }
 }
 
-/// Parse `90s`, `5m`, `1h`, `1h30m`, `250ms`, or a bare number of seconds.
+/// Parse `90s`, `5m`, `1h`, `1h30m`, `250ms`, or a bare number of seconds. Errors never repeat
+/// the text: it may be a secret typed into the wrong key.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.is_empty() {
@@ -634,13 +818,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     while !rest.is_empty() {
         let digits = rest
             .find(|c: char| !c.is_ascii_digit())
-            .ok_or_else(|| format!("`{s}`: missing unit (ms, s, m, h)"))?;
+            .ok_or_else(|| "a number without a unit (use ms, s, m, h)".to_string())?;
         if digits == 0 {
-            return Err(format!("`{s}`: expected a number"));
+            return Err("not a duration: expected a number then a unit, like 90s or 1h30m".into());
         }
         let n: u64 = rest[..digits]
             .parse()
-            .map_err(|_| format!("`{s}`: number too large"))?;
+            .map_err(|_| "number too large".to_string())?;
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
@@ -650,7 +834,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
-            u => return Err(format!("`{s}`: unknown unit `{u}` (use ms, s, m, h)")),
+            _ => return Err("unknown unit (use ms, s, m, h)".into()),
         };
         total = total.saturating_add(part);
         rest = &rest[unit_len..];
@@ -658,28 +842,69 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawDuration {
-    Secs(u64),
-    Text(String),
-}
+/// A duration: whole seconds (`90`) or text (`90s`, `1h30m`). Errors say what is expected and
+/// never repeat the text.
+struct DurationVisitor;
 
-fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-    match RawDuration::deserialize(d)? {
-        RawDuration::Secs(s) => Ok(Duration::from_secs(s)),
-        RawDuration::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+impl serde::de::Visitor<'_> for DurationVisitor {
+    type Value = Duration;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a duration like 90s, 5m, 1h30m or 250ms, or whole seconds")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Duration, E> {
+        Ok(Duration::from_secs(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Duration, E> {
+        u64::try_from(v)
+            .map(Duration::from_secs)
+            .map_err(|_| E::custom("a duration cannot be negative"))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Duration, E> {
+        Err(E::custom(
+            "a duration in whole seconds, or with a unit (1500ms)",
+        ))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Duration, E> {
+        parse_duration(v).map_err(E::custom)
     }
 }
 
-fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    match Option::<RawDuration>::deserialize(d)? {
-        None => Ok(None),
-        Some(RawDuration::Secs(s)) => Ok(Some(Duration::from_secs(s))),
-        Some(RawDuration::Text(t)) => parse_duration(&t)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
+pub(crate) fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    d.deserialize_any(DurationVisitor)
+}
+
+struct OptDurationVisitor;
+
+impl<'de> serde::de::Visitor<'de> for OptDurationVisitor {
+    type Value = Option<Duration>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        DurationVisitor.expecting(f)
     }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        de_duration(d).map(Some)
+    }
+}
+
+/// An optional duration; `null` or absent is `None`.
+pub(crate) fn de_opt_duration<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    d.deserialize_option(OptDurationVisitor)
 }
 
 #[cfg(test)]
@@ -798,7 +1023,255 @@ other_hosts: deny
         let y = "routes:\n  - { host: a.googleapis.com, identity: ghost }\n";
         let err = Config::from_yaml(y, "c.yaml").unwrap_err().to_string();
         assert!(err.contains("routes[0].identity"), "{err}");
-        assert!(err.contains("ghost"), "{err}");
+        assert!(err.contains("no identity"), "{err}");
+    }
+
+    /// Issue 14: values that `check` accepted and that panicked or overflowed at `run`.
+    #[test]
+    fn huge_numbers_and_durations_are_refused_naming_the_key() {
+        for (yaml, key) in [
+            (
+                "limits: { max_connections: 3000000000000000000 }",
+                "limits.max_connections",
+            ),
+            ("limits: { max_connections: 0 }", "limits.max_connections"),
+            (
+                "limits: { header_read_timeout: 18446744073709551615 }",
+                "limits.header_read_timeout",
+            ),
+            (
+                "limits: { header_read_timeout: 0s }",
+                "limits.header_read_timeout",
+            ),
+            (
+                "limits: { idle_timeout: 99999999999h }",
+                "limits.idle_timeout",
+            ),
+            (
+                "limits: { drain_timeout: 18446744073709551615 }",
+                "limits.drain_timeout",
+            ),
+            (
+                "limits: { max_header_bytes: 18446744073709551615 }",
+                "limits.max_header_bytes",
+            ),
+            ("limits: { workers: 5000 }", "limits.workers"),
+            (
+                "ca: { leaf_lifetime: 9000000000000000000 }",
+                "ca.leaf_lifetime",
+            ),
+            ("ca: { leaf_cache: 18446744073709551615 }", "ca.leaf_cache"),
+            ("iam: { timeout: 18446744073709551615 }", "iam.timeout"),
+            (
+                "upstream: { connect_timeout: 18446744073709551615 }",
+                "upstream.connect_timeout",
+            ),
+            (
+                "upstream: { response_timeout: 18446744073709551615 }",
+                "upstream.response_timeout",
+            ),
+            ("upstream: { idle_timeout: 0 }", "upstream.idle_timeout"),
+            ("tokens: { jitter: 18446744073709551615 }", "tokens.jitter"),
+            (
+                "tokens: { safety_window: 18446744073709551615 }",
+                "tokens.safety_window",
+            ),
+            (
+                "tokens: { refresh_margin: 18446744073709551615 }",
+                "tokens.refresh_margin",
+            ),
+            ("allowed_ports: [0]", "allowed_ports"),
+            ("iam: { endpoint: \"file:///etc/passwd\" }", "iam.endpoint"),
+        ] {
+            let err = Config::from_yaml(yaml, "c.yaml").unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+            assert!(!err.contains("18446744073709551615"), "{err}");
+            assert!(!err.contains("9000000000000000000"), "{err}");
+        }
+        // The bounds themselves are accepted.
+        let y = "limits: { max_connections: 1000000, header_read_timeout: 1h }\nca: { leaf_lifetime: 720h }\n";
+        Config::from_yaml(y, "c.yaml").unwrap();
+    }
+
+    /// Issue 14: `refresh_margin: ya29...` printed the token. Whatever the key and however the
+    /// value is wrong, the message names the key and not the value.
+    #[test]
+    fn errors_never_echo_a_value() {
+        for (yaml, key) in [
+            ("tokens: { refresh_margin: ya29.SECRET-TOKEN }", "tokens.refresh_margin"),
+            ("tokens:\n  safety_window: \"ya29.SECRET-TOKEN\"\n", "tokens.safety_window"),
+            ("tokens: { jitter: 5ya29.SECRET-TOKEN }", "tokens.jitter"),
+            ("other_hosts: ya29.SECRET-TOKEN", "other_hosts"),
+            ("limits: { max_connections: ya29.SECRET-TOKEN }", "limits.max_connections"),
+            ("tokens: { warm: ya29.SECRET-TOKEN }", "tokens.warm"),
+            ("source: { ya29.SECRET-TOKEN: x }", "source"),
+            ("allowed_ports: [ya29.SECRET-TOKEN]", "allowed_ports[0]"),
+            ("listen: ya29.SECRET-TOKEN", "listen"),
+            (
+                "identities:\n  a: { service_account: ya29.SECRET-TOKEN }",
+                "identities.a.service_account",
+            ),
+            (
+                "identities:\n  a: { service_account: a@p.iam.gserviceaccount.com, delegates: [ya29.SECRET-TOKEN] }",
+                "identities.a.delegates[0]",
+            ),
+            (
+                "routes:\n  - { host: a.googleapis.com, identity: ya29.SECRET-TOKEN }",
+                "routes[0].identity",
+            ),
+            (
+                "routes:\n  - { host: a.googleapis.com, path: ya29.SECRET-TOKEN, passthrough: true }",
+                "routes[0].path",
+            ),
+            (
+                "routes:\n  - { host: a.googleapis.com, methods: [ya29/SECRET-TOKEN], passthrough: true }",
+                "routes[0].methods",
+            ),
+            (
+                "routes:\n  - { host: \"ya29/SECRET-TOKEN\", passthrough: true }",
+                "routes[0].host",
+            ),
+        ] {
+            let err = Config::from_yaml(yaml, "c.yaml").unwrap_err().to_string();
+            assert!(!err.contains("SECRET"), "{yaml}: {err}");
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+
+    /// Issue 14: a 3 s margin under a 10 s window was accepted, and warm requests then waited
+    /// on IAM. Margin, window, lifetimes and the IAM timeout are validated together.
+    #[test]
+    fn token_timing_is_validated_together() {
+        // The issue's case needs no identity to be refused.
+        let err = Config::from_yaml("tokens: { refresh_margin: 3s, safety_window: 10s }", "c")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tokens.refresh_margin"), "{err}");
+        assert!(
+            Config::from_yaml("tokens: { refresh_margin: 15s, safety_window: 10s }", "c").is_err()
+        );
+        let id =
+            "identities:\n  a: { service_account: a@p.iam.gserviceaccount.com, lifetime: LIFE }\n";
+        let cfg = |life: &str, tokens: &str| {
+            format!("{}tokens: {{ {tokens} }}\n", id.replace("LIFE", life))
+        };
+        for (life, tokens, key, rule) in [
+            (
+                "1h",
+                "refresh_margin: 3s, safety_window: 10s",
+                "tokens.refresh_margin",
+                "longer than tokens.safety_window",
+            ),
+            (
+                "1h",
+                "refresh_margin: 10s, safety_window: 10s",
+                "tokens.refresh_margin",
+                "longer than tokens.safety_window",
+            ),
+            (
+                "1h",
+                "refresh_margin: 15s, safety_window: 10s",
+                "tokens.refresh_margin",
+                "iam.timeout",
+            ),
+            (
+                "1h",
+                "refresh_margin: 40m",
+                "tokens.refresh_margin",
+                "too long for identities.a.lifetime",
+            ),
+            (
+                "30s",
+                "safety_window: 60s",
+                "identities.a.lifetime",
+                "longer than tokens.safety_window",
+            ),
+            (
+                "90s",
+                "safety_window: 60s",
+                "identities.a.lifetime",
+                "iam.timeout",
+            ),
+        ] {
+            let err = Config::from_yaml(&cfg(life, tokens), "c.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(key) && err.contains(rule),
+                "{life} {tokens}: {err}"
+            );
+        }
+        for (life, tokens) in [
+            ("1h", "refresh_margin: 20s, safety_window: 10s"),
+            ("1h", "refresh_margin: 30m"),
+            ("2m", "safety_window: 60s"),
+            ("12h", "refresh_margin: 6h"),
+        ] {
+            Config::from_yaml(&cfg(life, tokens), "c.yaml").unwrap();
+        }
+        let y = format!(
+            "{}iam: {{ timeout: 4s }}\n",
+            cfg("1h", "refresh_margin: 15s, safety_window: 10s")
+        );
+        Config::from_yaml(&y, "c.yaml").unwrap();
+        // ID tokens live an hour whatever the identity's lifetime.
+        let y = format!(
+            "{}routes:\n  - {{ host: x.run.app, id_token: {{ identity: a, audience: x }} }}\n",
+            cfg("12h", "refresh_margin: 6h")
+        );
+        let err = Config::from_yaml(&y, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("routes[0].id_token"), "{err}");
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_not_last_wins() {
+        let y = "identities:\n  a: { service_account: a@p.iam.gserviceaccount.com }\n  a: { service_account: b@p.iam.gserviceaccount.com }\n";
+        let err = Config::from_yaml(y, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("duplicate") && err.contains("line 3"), "{err}");
+        let y = "listen: 127.0.0.1:1\nlisten: 127.0.0.1:2\n";
+        assert!(Config::from_yaml(y, "c.yaml").is_err());
+        let y =
+            "routes:\n  - { host: a.googleapis.com, passthrough: true, host: b.googleapis.com }\n";
+        assert!(Config::from_yaml(y, "c.yaml").is_err());
+    }
+
+    #[test]
+    fn duplicate_route_names_are_refused() {
+        let y = "routes:\n  - { name: r, host: a.googleapis.com, passthrough: true }\n  - { name: r, host: b.googleapis.com, passthrough: true }\n";
+        let err = Config::from_yaml(y, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("routes[1].name"), "{err}");
+        // A name may not take the default name of an unnamed route either.
+        let y = "routes:\n  - { host: a.googleapis.com, passthrough: true }\n  - { name: route-1, host: b.googleapis.com, passthrough: true }\n";
+        let err = Config::from_yaml(y, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("routes[1].name"), "{err}");
+    }
+
+    /// Issue 14: 200,000 aliases in 1.4 MB took 275 MB with serde_yaml.
+    #[test]
+    fn alias_expansion_and_input_size_are_bounded() {
+        let mut y = String::from("routes:\n  - &r { host: a.googleapis.com, passthrough: true }\n");
+        for _ in 0..200_000 {
+            y.push_str("  - *r\n");
+        }
+        assert!(y.len() < MAX_YAML_BYTES);
+        let err = Config::from_yaml(&y, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("alias"), "{err}");
+        // A few anchors used at depth (a billion laughs) in any document.
+        let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            bomb.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        assert!(yaml_from_str::<serde::de::IgnoredAny>(&bomb).is_err());
+        // A modest use of anchors is fine.
+        let y =
+            "identities:\n  a: &id { service_account: a@p.iam.gserviceaccount.com }\n  b: *id\n";
+        assert_eq!(Config::from_yaml(y, "c.yaml").unwrap().identities.len(), 2);
+        let big = format!("# {}\n{{}}\n", "x".repeat(MAX_YAML_BYTES));
+        let err = Config::from_yaml(&big, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("larger than"), "{err}");
     }
 
     #[test]

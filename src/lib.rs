@@ -4,6 +4,7 @@
 //! # Layout
 //!
 //! - [`config`]: the YAML schema, defaults, `validate()` and loading.
+//! - [`yaml`]: the bounded YAML reader behind the config and the emulator's policy.
 //! - [`routes`]: the compiled route table: host and path patterns and methods → action.
 //! - [`ca`]: the local CA in `certs/`, leaf certificates per SNI name, rustls server configs.
 //! - [`tokens`]: the source credential, the IAM Credentials client, the token cache and refresher.
@@ -32,6 +33,7 @@ pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod tokens;
+pub mod yaml;
 
 /// Install aws-lc-rs as rustls' process-wide provider. Several crates in the tree enable
 /// rustls features, so rustls cannot pick one by itself; every entry point calls this first.

@@ -62,7 +62,7 @@ impl PathPattern {
             return Ok(PathPattern::Any);
         };
         if !p.starts_with('/') {
-            return Err(format!("path `{p}` must start with `/`"));
+            return Err("must start with `/`".into());
         }
         if p.contains('*') {
             Ok(PathPattern::Glob(
@@ -132,9 +132,9 @@ impl Methods {
         }
         let mut bits = 0;
         let mut other = Vec::new();
-        for n in names {
+        for (i, n) in names.iter().enumerate() {
             let m = Method::from_bytes(n.to_ascii_uppercase().as_bytes())
-                .map_err(|_| format!("`{n}` is not an HTTP method"))?;
+                .map_err(|_| format!("entry {i} is not an HTTP method"))?;
             match method_bit(&m) {
                 Some(b) => bits |= b,
                 None => other.push(m),
@@ -305,9 +305,7 @@ fn validate_host(h: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{h}` is not a host name or `*.domain` pattern (a `*` may only lead)"
-        ))
+        Err("not a host name or `*.domain` pattern (a `*` may only lead)".into())
     }
 }
 

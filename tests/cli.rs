@@ -36,6 +36,12 @@ async fn check_prints_the_table_and_dry_runs_urls() {
         t.contains("prod-buckets-read") && t.contains("reader@my-project.iam.gserviceaccount.com"),
         "{t}"
     );
+    // Token timing, and whether the margin was configured or derived.
+    assert!(
+        t.contains("renewed 6m before expiry (derived), never served with less than 1m left")
+            && t.contains("tokens: derived margins"),
+        "{t}"
+    );
     let o = run(&[
         "check",
         "--config",
@@ -120,6 +126,41 @@ async fn ca_init_creates_once_and_refuses_to_overwrite() {
     assert_eq!(o.status.code(), Some(4));
     assert!(text(&o).contains("already exists"), "{}", text(&o));
     assert!(!text(&o).contains("PRIVATE KEY"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn ca_init_force_refuses_a_symlinked_key_and_warns_about_a_shared_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("ip-cli-ca-link-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("c.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "ca: {{ cert: {0}/ca.pem, key: {0}/ca-key.pem }}\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    let victim = dir.join("victim.txt");
+    std::fs::write(&victim, "not yours\n").unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("ca-key.pem")).unwrap();
+    let o = run(&["ca", "init", "--force", "--config", cfg.to_str().unwrap()]).await;
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("symbolic link"), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "not yours\n");
+    // A group-writable directory: created, with a warning on stderr.
+    std::fs::remove_file(dir.join("ca-key.pem")).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let o = run(&["ca", "init", "--config", cfg.to_str().unwrap()]).await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("writable by group or others"),
+        "{}",
+        text(&o)
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -50,7 +50,6 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::EmulatorError;
-use crate::config::parse_duration;
 
 pub const GET_ACCESS_TOKEN: &str = "iam.serviceAccounts.getAccessToken";
 pub const GET_OPEN_ID_TOKEN: &str = "iam.serviceAccounts.getOpenIdToken";
@@ -176,19 +175,7 @@ pub struct FaultSettings {
 }
 
 fn de_opt_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    match Option::<serde_yaml::Value>::deserialize(d)? {
-        None | Some(serde_yaml::Value::Null) => Ok(None),
-        Some(serde_yaml::Value::Number(n)) => n
-            .as_u64()
-            .map(|s| Some(Duration::from_secs(s)))
-            .ok_or_else(|| serde::de::Error::custom("expected whole seconds")),
-        Some(serde_yaml::Value::String(s)) => parse_duration(&s)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
-        Some(_) => Err(serde::de::Error::custom(
-            "expected a duration like 5s or 1h",
-        )),
-    }
+    crate::config::de_opt_duration(d)
 }
 
 fn is_member(who: &str) -> bool {
@@ -200,8 +187,7 @@ fn is_member(who: &str) -> bool {
 
 impl Policy {
     pub fn from_yaml(yaml: &str) -> Result<Policy, EmulatorError> {
-        let p: Policy =
-            serde_yaml::from_str(yaml).map_err(|e| EmulatorError::Policy(e.to_string()))?;
+        let p: Policy = crate::config::yaml_from_str(yaml).map_err(EmulatorError::Policy)?;
         for name in p.custom_roles.keys() {
             if name.starts_with("roles/") {
                 return Err(EmulatorError::Policy(format!(
@@ -259,7 +245,7 @@ impl Policy {
     }
 
     pub fn load(path: &Path) -> Result<Policy, EmulatorError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::config::read_bounded(path)
             .map_err(|e| EmulatorError::Policy(format!("{}: {e}", path.display())))?;
         Policy::from_yaml(&text)
             .map_err(|e| EmulatorError::Policy(format!("{}: {e}", path.display())))

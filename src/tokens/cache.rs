@@ -20,7 +20,7 @@ use rand::Rng;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{fingerprint, Mint, Settings, TokenError, TokenSpec};
+use super::{fingerprint, Mint, Minted, Settings, TokenError, TokenSpec};
 
 /// Most a failed slot waits before its next attempt.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -164,19 +164,41 @@ impl TokenSlot {
                     }
                 })?;
             header.set_sensitive(true);
-            Ok((header, m))
+            // The safety window is never shortened: a token that arrives with no more than it
+            // left is a failure, not something to serve.
+            // No token lives longer than Google's longest lifetime; a claim beyond it (a
+            // broken or hostile endpoint) must not overflow the instants computed below.
+            let m = Minted {
+                expires_in: m.expires_in.min(crate::config::MAX_LIFETIME),
+                ..m
+            };
+            let timing = self.settings.timing_or_derived(m.expires_in).ok_or_else(|| {
+                TokenError::Unavailable {
+                    target: self.spec.target.clone(),
+                    message: format!(
+                        "IAM issued a token living {}s, no longer than tokens.safety_window ({}s); it is never served",
+                        m.expires_in.as_secs_f64(),
+                        self.settings.safety_window.as_secs_f64()
+                    ),
+                }
+            })?;
+            Ok((header, m, timing))
         });
         let now = Instant::now();
         match result {
-            Ok((header, minted)) => {
+            Ok((header, minted, timing)) => {
                 let life = minted.expires_in;
-                let safety = self.settings.safety_window.min(life / 4);
-                let margin = self
-                    .settings
-                    .refresh_margin
-                    .unwrap_or_else(|| (life / 4).min(Duration::from_secs(300)))
-                    .min(life / 2);
+                if self.settings.timing(life).is_err() {
+                    tracing::warn!(
+                        target_sa = %self.spec.target,
+                        expires_in_s = life.as_secs_f64(),
+                        margin_s = timing.margin.as_secs_f64(),
+                        "the token is shorter than tokens.refresh_margin allows; using the derived margin for it"
+                    );
+                }
+                let margin = timing.margin;
                 let room = life.saturating_sub(margin);
+                // Jitter only moves the refresh earlier, never past the end of serving.
                 let jitter_cap = self.settings.jitter.min(room / 2);
                 let jitter = if jitter_cap.is_zero() {
                     Duration::ZERO
@@ -191,7 +213,7 @@ impl TokenSlot {
                 );
                 self.current.store(Some(Arc::new(Current {
                     header: header.clone(),
-                    serve_until: now + life.saturating_sub(safety),
+                    serve_until: now + timing.serve_for,
                     refresh_at: now + room - jitter,
                 })));
                 if let Ok(mut f) = self.failure.lock() {
@@ -296,6 +318,9 @@ mod tests {
         calls: AtomicU64,
         fail: AtomicBool,
         life: Duration,
+        latency: Duration,
+        /// When each token (`tok-N` at index N - 1) expires.
+        expiries: Mutex<Vec<Instant>>,
     }
 
     impl Mint for Fake {
@@ -305,7 +330,7 @@ mod tests {
         ) -> Pin<Box<dyn Future<Output = Result<Minted, TokenError>> + Send + 'a>> {
             Box::pin(async move {
                 let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(self.latency).await;
                 if self.fail.load(Ordering::SeqCst) {
                     return Err(TokenError::Iam {
                         target: spec.target.clone(),
@@ -314,6 +339,10 @@ mod tests {
                         message: "The service is currently unavailable.".into(),
                     });
                 }
+                self.expiries
+                    .lock()
+                    .unwrap()
+                    .push(Instant::now() + self.life);
                 Ok(Minted {
                     token: format!("tok-{n}"),
                     expires_in: self.life,
@@ -323,20 +352,73 @@ mod tests {
     }
 
     fn engine(life: Duration, safety: Duration) -> (Arc<TokenEngine>, Arc<Fake>) {
-        let fake = Arc::new(Fake {
-            calls: AtomicU64::new(0),
-            fail: AtomicBool::new(false),
-            life,
-        });
         let settings = Settings {
             refresh_margin: None,
             jitter: Duration::from_secs(5),
             safety_window: safety,
         };
+        engine_with(life, Duration::from_millis(50), settings)
+    }
+
+    fn engine_with(
+        life: Duration,
+        latency: Duration,
+        settings: Settings,
+    ) -> (Arc<TokenEngine>, Arc<Fake>) {
+        let fake = Arc::new(Fake {
+            calls: AtomicU64::new(0),
+            fail: AtomicBool::new(false),
+            life,
+            latency,
+            expiries: Mutex::new(Vec::new()),
+        });
         (
             TokenEngine::with_minter(fake.clone(), settings, "test".into()),
             fake,
         )
+    }
+
+    /// Issue 14: the safety window was capped at a quarter of the lifetime (tokens with 5 s left
+    /// against a 10 s window reached the origin), and the refresh could come after the token
+    /// stopped being served, so warm requests waited on IAM. Here IAM takes 2 s per call.
+    #[tokio::test(start_paused = true)]
+    async fn a_warm_request_never_waits_on_iam_nor_gets_less_than_the_safety_window() {
+        let safety = Duration::from_secs(10);
+        let settings = Settings {
+            refresh_margin: None,
+            jitter: Duration::ZERO,
+            safety_window: safety,
+        };
+        let (engine, fake) = engine_with(Duration::from_secs(20), Duration::from_secs(2), settings);
+        let slot = engine.slot(spec());
+        slot.authorization().await.unwrap();
+        for _ in 0..800 {
+            tokio::time::advance(Duration::from_millis(100)).await;
+            let asked = Instant::now();
+            let h = slot.authorization().await.unwrap();
+            assert_eq!(Instant::now(), asked, "a warm request waited on IAM");
+            let n: usize = h.to_str().unwrap()["Bearer tok-".len()..].parse().unwrap();
+            let left = fake.expiries.lock().unwrap()[n - 1] - asked;
+            assert!(left > safety, "served tok-{n} with {left:?} left");
+        }
+        let calls = fake.calls.load(Ordering::SeqCst);
+        assert!((8..=12).contains(&calls), "one mint per 7.5 s: {calls}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_with_no_more_than_the_safety_window_is_never_served() {
+        let (engine, fake) = engine(Duration::from_secs(5), Duration::from_secs(10));
+        let slot = engine.slot(spec());
+        let err = slot.authorization().await.unwrap_err().to_string();
+        assert!(err.contains("tokens.safety_window"), "{err}");
+        assert!(!err.contains("tok-1"), "{err}");
+        assert!(slot.try_current().is_none());
+        // Retried with backoff, not in a loop.
+        for _ in 0..60 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        let calls = fake.calls.load(Ordering::SeqCst);
+        assert!(calls <= 7, "{calls} mints in a minute");
     }
 
     fn spec() -> TokenSpec {
@@ -419,8 +501,8 @@ mod tests {
         let slot = engine.slot(spec());
         slot.authorization().await.unwrap();
         fake.fail.store(true, Ordering::SeqCst);
-        // Refresh is due at 450 s (a quarter of the lifetime, less jitter); it fails, but the
-        // current token is still served until 60 s before expiry.
+        // Refresh is due at 405 s (the 60 s window plus a quarter of the 540 s served, less
+        // jitter); it fails, but the current token is still served until 60 s before expiry.
         tokio::time::sleep(Duration::from_secs(500)).await;
         assert!(slot.try_current().is_some());
         assert_eq!(slot.authorization().await.unwrap(), "Bearer tok-1");

@@ -80,10 +80,11 @@ impl IamClient {
                     .and_then(Value::as_str)
                     .ok_or_else(|| malformed(&spec.target, "no `token`"))?;
                 let exp = jwt_exp(token)
-                    .ok_or_else(|| malformed(&spec.target, "ID token has no `exp`"))?;
+                    .and_then(|exp| SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(exp)))
+                    .ok_or_else(|| malformed(&spec.target, "ID token has no usable `exp`"))?;
                 Ok(Minted {
                     token: token.to_string(),
-                    expires_in: until(SystemTime::UNIX_EPOCH + Duration::from_secs(exp)),
+                    expires_in: until(exp),
                 })
             }
         }

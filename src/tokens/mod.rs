@@ -133,6 +133,88 @@ pub struct Settings {
     pub safety_window: Duration,
 }
 
+/// The most a derived margin adds to the safety window.
+pub const DERIVED_LEAD_CAP: Duration = Duration::from_secs(300);
+
+/// How a token of a given lifetime is served and renewed. The invariant that keeps warm
+/// requests off IAM: the refresh (at `life - margin`, earlier by jitter) comes before the token
+/// stops being served (at `serve_for = life - safety_window`), because `margin` is longer than
+/// the safety window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Served for this long after minting; past it, less than the safety window is left.
+    pub serve_for: Duration,
+    /// Renewed this long before expiry, before jitter.
+    pub margin: Duration,
+    /// `margin` was derived rather than taken from `tokens.refresh_margin`.
+    pub derived: bool,
+}
+
+impl Timing {
+    /// How long before the end of serving the refresh starts: the time one IAM call (and its
+    /// retries) has to bring the next token while the current one is still served.
+    pub fn lead(&self, life: Duration) -> Duration {
+        self.serve_for
+            .saturating_sub(life.saturating_sub(self.margin))
+    }
+}
+
+/// Why a lifetime and the `tokens:` settings cannot work together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimingError {
+    /// The token would have no more than the safety window left when minted.
+    NeverServable,
+    /// `refresh_margin` is not longer than `safety_window`: the token would stop being served
+    /// before its refresh, and requests would wait on IAM.
+    MarginNotAboveSafety,
+    /// `refresh_margin` would renew the token before half of its servable time has passed.
+    MarginTooLong,
+}
+
+impl Settings {
+    /// The timing for a token of this lifetime. Nothing is capped silently: the safety window
+    /// is always honoured, and a configured margin is used as given or refused. When no margin
+    /// is configured it is derived: the safety window plus 5 minutes, or plus a quarter of the
+    /// servable time (`life - safety_window`) when that is shorter.
+    pub fn timing(&self, life: Duration) -> Result<Timing, TimingError> {
+        let safety = self.safety_window;
+        if life <= safety {
+            return Err(TimingError::NeverServable);
+        }
+        let serve_for = life - safety;
+        match self.refresh_margin {
+            None => Ok(Timing {
+                serve_for,
+                margin: safety + (serve_for / 4).min(DERIVED_LEAD_CAP),
+                derived: true,
+            }),
+            Some(m) if m <= safety => Err(TimingError::MarginNotAboveSafety),
+            Some(m) if m - safety > serve_for / 2 => Err(TimingError::MarginTooLong),
+            Some(m) => Ok(Timing {
+                serve_for,
+                margin: m,
+                derived: false,
+            }),
+        }
+    }
+
+    /// [`Settings::timing`], or for a token shorter than the configured margin allows (an IAM
+    /// that caps lifetimes, such as the emulator's `token_lifetime`), the derived timing.
+    /// `None` when the token cannot be served at all.
+    pub fn timing_or_derived(&self, life: Duration) -> Option<Timing> {
+        match self.timing(life) {
+            Ok(t) => Some(t),
+            Err(TimingError::NeverServable) => None,
+            Err(_) => Settings {
+                refresh_margin: None,
+                ..self.clone()
+            }
+            .timing(life)
+            .ok(),
+        }
+    }
+}
+
 impl From<&TokensConfig> for Settings {
     fn from(t: &TokensConfig) -> Settings {
         Settings {
@@ -264,5 +346,55 @@ impl TokenEngine {
             self.slots.len(),
             ready,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(margin: Option<u64>, safety: u64) -> Settings {
+        Settings {
+            refresh_margin: margin.map(Duration::from_secs),
+            jitter: Duration::from_secs(30),
+            safety_window: Duration::from_secs(safety),
+        }
+    }
+
+    #[test]
+    fn timing_derives_or_takes_the_margin_and_never_shortens_the_window() {
+        let h = Duration::from_secs(3600);
+        let t = settings(None, 60).timing(h).unwrap();
+        assert_eq!(
+            (t.serve_for, t.margin, t.derived),
+            (h - Duration::from_secs(60), Duration::from_secs(360), true)
+        );
+        assert_eq!(t.lead(h), Duration::from_secs(300));
+        // Short lifetimes: a quarter of what is served, on top of the window.
+        let t = settings(None, 10).timing(Duration::from_secs(50)).unwrap();
+        assert_eq!(t.margin, Duration::from_secs(20));
+        let t = settings(Some(600), 60).timing(h).unwrap();
+        assert_eq!((t.margin, t.derived), (Duration::from_secs(600), false));
+        assert_eq!(
+            settings(Some(3), 10).timing(h),
+            Err(TimingError::MarginNotAboveSafety)
+        );
+        assert_eq!(
+            settings(Some(2400), 60).timing(h),
+            Err(TimingError::MarginTooLong)
+        );
+        assert_eq!(
+            settings(None, 60).timing(Duration::from_secs(60)),
+            Err(TimingError::NeverServable)
+        );
+        // A token shorter than a configured margin allows gets the derived timing instead.
+        let t = settings(Some(600), 1)
+            .timing_or_derived(Duration::from_secs(9))
+            .unwrap();
+        assert_eq!((t.margin, t.derived), (Duration::from_secs(3), true));
+        assert_eq!(
+            settings(Some(600), 10).timing_or_derived(Duration::from_secs(9)),
+            None
+        );
     }
 }
