@@ -14,6 +14,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -44,40 +46,12 @@ metadata:
 
 /// A venv with google-auth and requests, under target/ so it is made once per machine.
 async fn python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv-google-auth");
-    let python = venv.join("bin/python");
-    let ready = tokio::process::Command::new(&python)
-        .args(["-c", "import google.auth, requests"])
-        .status()
-        .await
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !ready {
-        let ok = tokio::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .await
-            .unwrap();
-        assert!(ok.success(), "python3 -m venv failed");
-        let out = tokio::process::Command::new(venv.join("bin/pip"))
-            .args([
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "google-auth",
-                "requests",
-            ])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pip install google-auth requests: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    python
+    common::python_venv(
+        "pyenv-google-auth",
+        "google.auth, requests",
+        &["google-auth", "requests"],
+    )
+    .await
 }
 
 struct World {

@@ -8,6 +8,18 @@ mod common;
 use common::*;
 use serde_json::Value;
 
+/// A JWT's claims, read without verifying it.
+fn jwt_claims(jwt: &str) -> Value {
+    use base64::Engine as _;
+    let claims = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(claims)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
 /// A client holding a placeholder `authorized_user` file refreshes it at Google's token
 /// endpoint: the proxy answers, and the refresh token never leaves the machine. A JWT-bearer
 /// assertion asking for a `target_audience` gets an ID token.
@@ -54,14 +66,7 @@ async fn the_token_endpoint_is_answered_with_a_placeholder() {
         .json()
         .await
         .unwrap();
-    let id = v["id_token"].as_str().unwrap();
-    let claims = id.split('.').nth(1).unwrap();
-    let claims: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(claims)
-            .unwrap(),
-    )
-    .unwrap();
+    let claims = jwt_claims(v["id_token"].as_str().unwrap());
     assert_eq!(claims["aud"], "https://svc.a.run.app");
     // The placeholder then reaches a routed origin as the route's real token.
     let v: Value = client
@@ -150,13 +155,7 @@ async fn the_metadata_facade_hands_out_placeholders_for_the_configured_identity(
         .text()
         .await
         .unwrap();
-    use base64::Engine as _;
-    let claims: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(jwt.split('.').nth(1).unwrap())
-            .unwrap(),
-    )
-    .unwrap();
+    let claims = jwt_claims(&jwt);
     assert_eq!(claims["aud"], "https://svc.a.run.app");
     assert_eq!(claims["email"], DEV);
     sb.shutdown().await;

@@ -456,40 +456,13 @@ print(json.dumps(out))
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpcio_server_behind_the_proxy_gets_unary_streaming_and_errors_intact() {
-    use tokio::io::AsyncBufReadExt;
     let python = python_venv("pyenv-grpc", "grpc", &["grpcio"]).await;
-    let certs = impersonate_proxy::origin::test_certificates(&["pubsub.googleapis.com"]).unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "ip-grpcio-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    for (name, pem) in [
-        ("chain.pem", &certs.chain_pem),
-        ("key.pem", &certs.key_pem),
-        ("ca.pem", &certs.ca_pem),
-    ] {
-        std::fs::write(dir.join(name), pem).unwrap();
-    }
-    let mut server = tokio::process::Command::new(&python)
-        .args(["-c", GRPC_SERVER])
+    let dir = cert_dir("ip-grpcio", &["pubsub.googleapis.com"]);
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.args(["-c", GRPC_SERVER])
         .arg(dir.join("chain.pem"))
-        .arg(dir.join("key.pem"))
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
-    let port: u16 = lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        .arg(dir.join("key.pem"));
+    let (mut server, addr) = spawn_printing_port(cmd).await;
     let ca = dir.join("ca.pem");
     let sb = sandbox_with(|c| {
         c.upstream

@@ -298,7 +298,6 @@ async fn storage_clients_run_unchanged_through_the_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_over_grpc_runs_unchanged_through_the_proxy() {
-    use tokio::io::AsyncBufReadExt;
     let python = python_venv(
         "pyenv-sdk",
         "google.cloud.storage, google.cloud.pubsub_v1, gcp_storage_emulator",
@@ -309,40 +308,14 @@ async fn pubsub_over_grpc_runs_unchanged_through_the_proxy() {
         ],
     )
     .await;
-    let certs = impersonate_proxy::origin::test_certificates(&["pubsub.googleapis.com"]).unwrap();
-    let dir = std::env::temp_dir().join(format!(
-        "ip-pubsub-{}-{:08x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    for (name, pem) in [
-        ("chain.pem", &certs.chain_pem),
-        ("key.pem", &certs.key_pem),
-        ("ca.pem", &certs.ca_pem),
-    ] {
-        std::fs::write(dir.join(name), pem).unwrap();
-    }
+    let dir = cert_dir("ip-pubsub", &["pubsub.googleapis.com"]);
     let seen_file = dir.join("authorization.txt");
-    let mut server = tokio::process::Command::new(&python)
-        .arg(format!("{SDK}/pubsub_server.py"))
+    let mut cmd = tokio::process::Command::new(&python);
+    cmd.arg(format!("{SDK}/pubsub_server.py"))
         .arg(dir.join("chain.pem"))
         .arg(dir.join("key.pem"))
-        .arg(&seen_file)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(server.stdout.take().unwrap()).lines();
-    let port: u16 = lines
-        .next_line()
-        .await
-        .unwrap()
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        .arg(&seen_file);
+    let (mut server, addr) = spawn_printing_port(cmd).await;
     let ca = dir.join("ca.pem");
     let sb = sdk_sandbox(move |c| {
         c.upstream

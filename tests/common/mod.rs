@@ -202,3 +202,44 @@ impl std::io::Write for Capture {
         Ok(())
     }
 }
+
+/// A fresh temp directory holding a throwaway CA and a leaf it signed for `names`, as the PEM
+/// files third-party servers read: `chain.pem` (leaf, then CA), `key.pem`, `ca.pem`.
+pub fn cert_dir(prefix: &str, names: &[&str]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let certs = impersonate_proxy::origin::test_certificates(names).unwrap();
+    for (name, pem) in [
+        ("chain.pem", &certs.chain_pem),
+        ("key.pem", &certs.key_pem),
+        ("ca.pem", &certs.ca_pem),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+    dir
+}
+
+/// Start a server that prints the port it bound on its first line; the child dies with its
+/// handle.
+pub async fn spawn_printing_port(
+    mut cmd: tokio::process::Command,
+) -> (tokio::process::Child, SocketAddr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = lines
+        .next_line()
+        .await
+        .unwrap()
+        .expect("the server printed its port");
+    let port: u16 = line.trim().parse().unwrap();
+    (child, SocketAddr::from(([127, 0, 0, 1], port)))
+}

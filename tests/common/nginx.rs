@@ -55,19 +55,11 @@ impl Nginx {
             "{NGINX} is missing: the interop tests need Debian's nginx \
              (`apt-get install nginx-light`, which `.ci/run` does)"
         );
-        let dir = std::env::temp_dir().join(format!(
-            "ip-nginx-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
+        let dir = super::cert_dir("ip-nginx", names);
         for sub in ["tmp", "www/files"] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
-        let certs = impersonate_proxy::origin::test_certificates(names).unwrap();
-        std::fs::write(dir.join("chain.pem"), &certs.chain_pem).unwrap();
-        std::fs::write(dir.join("key.pem"), &certs.key_pem).unwrap();
         let ca_file = dir.join("ca.pem");
-        std::fs::write(&ca_file, &certs.ca_pem).unwrap();
 
         let backend = Echo::start().await;
         let backend_addr = backend.addr;
