@@ -10,15 +10,21 @@
 //!   the gate that makes `Expect: 100-continue` wait for an HTTP/1.1 origin's 100.
 //! - `upstream.rs`: the upstream client, its resolver, and the connector that notes each
 //!   origin's protocol.
+//! - `destination.rs`: where the proxy may connect (no internal addresses unless allowed), and
+//!   the dialer that tunnels and the upstream client share.
+//! - `idle.rs`: idle clients: handshake, request and tunnel idle timeouts, and closing idle
+//!   connections first at `limits.max_connections`.
 //! - `multiplex.rs`: a worker's one h2 connection per origin, used without a pool.
 //! - `token_endpoint.rs`: `facade.token_endpoint`, the OAuth2 token endpoint answered with a
 //!   placeholder.
 //! - `error.rs`: [`ProxyError`] and its response.
 
 mod connect;
+pub(crate) mod destination;
 pub mod error;
 mod forward;
 mod headers;
+mod idle;
 mod multiplex;
 mod token_endpoint;
 mod upload;
@@ -42,7 +48,7 @@ use crate::routes::{Action, RouteTable};
 use crate::tokens::{TokenEngine, TokenSlot, TokenSpec};
 
 /// Every response body the proxy produces: the origin's streamed body or a small local one.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, error::BodyError>;
 
 /// What a route resolves to, computed once at start-up so a request does one table lookup and
 /// one slot read.
@@ -84,13 +90,16 @@ pub struct ProxyState {
     pub engine: Arc<TokenEngine>,
     /// Checked at start-up; each worker builds its own upstream client from it.
     upstream_tls: rustls::ClientConfig,
-    /// `upstream.resolve`, for the upstream clients and for blind tunnels alike.
-    pub(crate) overrides: Arc<upstream::Overrides>,
+    /// `upstream.resolve` and the internal-address policy, for the upstream clients and for
+    /// blind tunnels alike.
+    pub(crate) destinations: Arc<destination::Destinations>,
     /// What each origin negotiated, as the workers' upstream connectors find out.
     pub(crate) protocols: Arc<upstream::Protocols>,
     pub metrics: Metrics,
     /// Caps concurrent client connections (`limits.max_connections`).
     pub(crate) connections: Arc<Semaphore>,
+    /// Bumped when the cap is reached: every idle connection closes (`idle.rs`).
+    pub(crate) reclaim: watch::Sender<u64>,
 }
 
 impl ProxyState {
@@ -142,7 +151,7 @@ impl ProxyState {
             });
         }
         let upstream_tls = upstream::tls_config(&config.upstream)?;
-        let overrides = Arc::new(upstream::Overrides::from_config(&config.upstream));
+        let destinations = Arc::new(destination::Destinations::from_config(&config.upstream));
         let connections = Arc::new(Semaphore::new(config.limits.max_connections));
         Ok(Arc::new(ProxyState {
             config,
@@ -151,10 +160,11 @@ impl ProxyState {
             ca,
             engine,
             upstream_tls,
-            overrides,
+            destinations,
             protocols: Arc::default(),
             metrics: Metrics::default(),
             connections,
+            reclaim: watch::Sender::new(0),
         }))
     }
 }
@@ -263,18 +273,17 @@ async fn accept_loop(
     let upstream = Arc::new(upstream::client(
         state.upstream_tls.clone(),
         &state.config.upstream,
-        state.overrides.clone(),
+        state.destinations.clone(),
         state.protocols.clone(),
     ));
     loop {
-        // Take a permit before accepting: at the cap, new clients wait in the kernel backlog
-        // instead of being accepted and starved.
-        let permit = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            p = state.connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+        // Take a permit before accepting while there are free ones. At the cap, accept one
+        // client and hold it (at most one per worker) while every idle connection is asked to
+        // close; it is served once a place is free.
+        let permit = match state.connections.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(tokio::sync::TryAcquireError::Closed) => break,
+            Err(tokio::sync::TryAcquireError::NoPermits) => None,
         };
         let (stream, peer) = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -287,6 +296,20 @@ async fn accept_loop(
                     continue;
                 }
             },
+        };
+        let permit = match permit {
+            Some(p) => p,
+            None => {
+                tracing::debug!("at limits.max_connections: closing idle connections");
+                state.reclaim.send_modify(|g| *g = g.wrapping_add(1));
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    p = state.connections.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
         };
         let _ = stream.set_nodelay(true);
         connect::spawn_client(
