@@ -268,6 +268,13 @@ pub struct UpstreamConfig {
     /// an error, so a silent origin does not hold the client until its own timeout.
     #[serde(deserialize_with = "de_duration")]
     pub body_idle_timeout: Duration,
+    /// Upstream connections open at once, all origins and workers together (`proxy/caps.rs`).
+    pub max_connections: usize,
+    /// Upstream connections open at once to one origin (`host:port`).
+    pub max_connections_per_origin: usize,
+    /// How long a request waits for a place under those caps before it gets 503.
+    #[serde(deserialize_with = "de_duration")]
+    pub queue_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -281,6 +288,9 @@ impl Default for UpstreamConfig {
             response_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(90),
             body_idle_timeout: Duration::from_secs(300),
+            max_connections: 4096,
+            max_connections_per_origin: 512,
+            queue_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -710,6 +720,12 @@ impl Config {
                 secs(24 * H),
             ),
             (
+                "upstream.queue_timeout",
+                self.upstream.queue_timeout,
+                ms(100),
+                secs(5 * M),
+            ),
+            (
                 "limits.handshake_timeout",
                 self.limits.handshake_timeout,
                 ms(100),
@@ -784,6 +800,18 @@ impl Config {
                 1 << 20,
             ),
             ("limits.max_headers", self.limits.max_headers, 1, 10_000),
+            (
+                "upstream.max_connections",
+                self.upstream.max_connections,
+                1,
+                1_000_000,
+            ),
+            (
+                "upstream.max_connections_per_origin",
+                self.upstream.max_connections_per_origin,
+                1,
+                1_000_000,
+            ),
             ("limits.workers", self.limits.workers, 0, 1024),
         ];
         for (key, value, min, max) in counts {
@@ -1121,6 +1149,32 @@ other_hosts: deny
                 "upstream.response_timeout",
             ),
             ("upstream: { idle_timeout: 0 }", "upstream.idle_timeout"),
+            (
+                "upstream: { body_idle_timeout: 0 }",
+                "upstream.body_idle_timeout",
+            ),
+            ("upstream: { queue_timeout: 1h }", "upstream.queue_timeout"),
+            (
+                "upstream: { max_connections: 0 }",
+                "upstream.max_connections",
+            ),
+            (
+                "upstream: { max_connections_per_origin: 18446744073709551615 }",
+                "upstream.max_connections_per_origin",
+            ),
+            (
+                "upstream: { allow_internal: [10.0.0.0/8, \"not a host\"] }",
+                "upstream.allow_internal[1]",
+            ),
+            (
+                "limits: { handshake_timeout: 0s }",
+                "limits.handshake_timeout",
+            ),
+            (
+                "limits: { tunnel_idle_timeout: 48h }",
+                "limits.tunnel_idle_timeout",
+            ),
+            ("limits: { max_headers: 0 }", "limits.max_headers"),
             ("tokens: { jitter: 18446744073709551615 }", "tokens.jitter"),
             (
                 "tokens: { safety_window: 18446744073709551615 }",

@@ -389,3 +389,62 @@ async fn a_silent_origin_body_times_out() {
     assert!(body.is_err(), "{body:?}");
     sb.shutdown().await;
 }
+
+/// A plain-HTTP origin that answers each request after `delay`, counting its connections.
+async fn slow_origin(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicU64::new(0));
+    let count = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// Upstream connections per origin are capped: requests queue for a place, and past
+/// `upstream.queue_timeout` get 503 instead of opening connections without end.
+#[tokio::test]
+async fn upstream_connections_per_origin_are_capped() {
+    let (addr, conns) = slow_origin(Duration::from_millis(1500)).await;
+    let sb = sandbox_with(|c| {
+        c.upstream.resolve.insert("slow.test:80".into(), addr);
+        c.upstream.max_connections_per_origin = 2;
+        c.upstream.queue_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(sb.proxy_url()).unwrap())
+        .build()
+        .unwrap();
+    let sends = (0..6).map(|i| {
+        let client = client.clone();
+        async move {
+            client
+                .get(format!("http://slow.test/{i}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    });
+    let mut statuses = futures_util::future::join_all(sends).await;
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 503, 503, 503, 503]);
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    sb.shutdown().await;
+}

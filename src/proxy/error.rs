@@ -31,6 +31,9 @@ pub enum ProxyError {
     /// The target connects to an internal address the config does not allow.
     #[error("refused by policy: {authority}: {message}")]
     Internal { authority: String, message: String },
+    /// No upstream connection came free under the caps in time.
+    #[error("upstream {authority} busy: {message}")]
+    Saturated { authority: String, message: String },
     #[error("upstream {authority} did not answer within {secs}s")]
     Timeout { authority: String, secs: u64 },
     /// More header fields than `limits.max_headers` (HTTP/1.1 gets this from hyper).
@@ -49,6 +52,7 @@ impl ProxyError {
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Internal { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -85,6 +89,9 @@ impl ProxyError {
             {
                 return ProxyError::Internal { authority, message };
             }
+            if c.is::<super::caps::Saturated>() {
+                return ProxyError::Saturated { authority, message };
+            }
             cur = c.source();
         }
         ProxyError::Unreachable { authority, message }
@@ -99,6 +106,9 @@ impl ProxyError {
             }
             ProxyError::Internal { authority, .. } => {
                 format!("impersonate-proxy: {authority} refused")
+            }
+            ProxyError::Saturated { authority, .. } => {
+                format!("impersonate-proxy: upstream {authority} busy; try again")
             }
             e => format!("impersonate-proxy: {e}"),
         }

@@ -2,6 +2,7 @@
 //!
 //! - `mod.rs`: [`ProxyState`] (everything a request needs, built once) and [`run`], which
 //!   serves on one worker thread per core.
+//! - `caps.rs`: caps on upstream connections (per origin, in total) and the open-file limit.
 //! - `connect.rs`: the client-facing HTTP/1.1 service: CONNECT, absolute-form, refusals.
 //! - `forward.rs`: one intercepted request: route, token, header rewrite, upstream, access log.
 //! - `headers.rs`: the header rules between the two legs (HTTP/1.1 and h2 either side), as one
@@ -19,6 +20,7 @@
 //!   placeholder.
 //! - `error.rs`: [`ProxyError`] and its response.
 
+mod caps;
 mod connect;
 pub(crate) mod destination;
 pub mod error;
@@ -93,6 +95,8 @@ pub struct ProxyState {
     /// `upstream.resolve` and the internal-address policy, for the upstream clients and for
     /// blind tunnels alike.
     pub(crate) destinations: Arc<destination::Destinations>,
+    /// Upstream connections per origin and in total, across workers.
+    pub(crate) caps: Arc<caps::UpstreamCaps>,
     /// What each origin negotiated, as the workers' upstream connectors find out.
     pub(crate) protocols: Arc<upstream::Protocols>,
     pub metrics: Metrics,
@@ -152,6 +156,11 @@ impl ProxyState {
         }
         let upstream_tls = upstream::tls_config(&config.upstream)?;
         let destinations = Arc::new(destination::Destinations::from_config(&config.upstream));
+        let caps = Arc::new(caps::UpstreamCaps::from_config(&config.upstream));
+        caps::raise_fd_limit(
+            config.limits.max_connections,
+            config.upstream.max_connections,
+        );
         let connections = Arc::new(Semaphore::new(config.limits.max_connections));
         Ok(Arc::new(ProxyState {
             config,
@@ -161,6 +170,7 @@ impl ProxyState {
             engine,
             upstream_tls,
             destinations,
+            caps,
             protocols: Arc::default(),
             metrics: Metrics::default(),
             connections,
@@ -274,6 +284,7 @@ async fn accept_loop(
         state.upstream_tls.clone(),
         &state.config.upstream,
         state.destinations.clone(),
+        state.caps.clone(),
         state.protocols.clone(),
     ));
     loop {

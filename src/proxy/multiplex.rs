@@ -18,6 +18,8 @@
 //!   its driver ends or when a request is handed back unsent; such a request is sent once more
 //!   on a new connection, as hyper-util's client retries a request its pooled connection never
 //!   sent.
+//! - **Caps.** Each connection holds its places under `upstream.max_connections` and
+//!   `max_connections_per_origin` (`caps.rs`), taken by the dialer before it connects.
 //! - **Idle connections close** after `upstream.idle_timeout` without a new request, as the
 //!   pool's do. Streams still open on them run to their end.
 //!

@@ -31,7 +31,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tower::Service;
 
-use super::destination::{Destinations, DialError};
+use super::caps::{Capped, UpstreamCaps};
+use super::destination::Destinations;
 use super::error::ProxyError;
 use super::headers::{self, RequestedUpgrade};
 use super::multiplex::Multiplex;
@@ -159,7 +160,7 @@ pub struct Connector {
 }
 
 impl Service<http::Uri> for Connector {
-    type Response = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+    type Response = MaybeHttpsStream<TokioIo<Capped>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -215,12 +216,13 @@ impl Overrides {
 #[derive(Clone)]
 pub struct Dialer {
     destinations: Arc<Destinations>,
+    caps: Arc<UpstreamCaps>,
 }
 
 impl Service<http::Uri> for Dialer {
-    type Response = TokioIo<tokio::net::TcpStream>;
-    type Error = DialError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, DialError>> + Send>>;
+    type Response = TokioIo<Capped>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
@@ -233,7 +235,14 @@ impl Service<http::Uri> for Dialer {
         });
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
         let destinations = self.destinations.clone();
-        Box::pin(async move { Ok(TokioIo::new(destinations.dial(&host, port).await?)) })
+        let caps = self.caps.clone();
+        Box::pin(async move {
+            // A place under the caps first: a request queued here takes any pooled
+            // connection that comes free meanwhile.
+            let places = caps.acquire(key(&host, port)).await?;
+            let tcp = destinations.dial(&host, port).await?;
+            Ok(TokioIo::new(Capped::new(tcp, places)))
+        })
     }
 }
 
@@ -282,9 +291,10 @@ pub fn client(
     tls: rustls::ClientConfig,
     cfg: &UpstreamConfig,
     destinations: Arc<Destinations>,
+    caps: Arc<UpstreamCaps>,
     protocols: Arc<Protocols>,
 ) -> UpstreamClient {
-    let dialer = Dialer { destinations };
+    let dialer = Dialer { destinations, caps };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
