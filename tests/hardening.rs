@@ -32,12 +32,16 @@ async fn echo(addr: &str) -> Option<(SocketAddr, Arc<AtomicU64>)> {
 }
 
 /// CONNECT `target` and, on 200, check bytes come back through the tunnel. The head of the
-/// proxy's answer and its body, if it sent one.
+/// proxy's answer and its body, if it sent one (`Connection: close`: a refusal then ends the
+/// connection, and the read with it).
 async fn connect_to(proxy: SocketAddr, target: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     let head = read_head(&mut s).await;
     if head.starts_with("HTTP/1.1 200") {
         s.write_all(b"ping").await.unwrap();
@@ -87,8 +91,10 @@ async fn internal_destinations_are_refused_by_default() {
     // the same way.
     let r = raw(
         proxy,
-        format!("GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
-            .as_bytes(),
+        format!(
+            "GET http://127.0.0.1:{port}/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
     )
     .await;
     assert!(r.starts_with("HTTP/1.1 403"), "{r}");
