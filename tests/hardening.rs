@@ -454,3 +454,43 @@ async fn upstream_connections_per_origin_are_capped() {
     assert_eq!(conns.load(Ordering::SeqCst), 2);
     sb.shutdown().await;
 }
+
+/// An intercepted route whose host resolves (by DNS, not `upstream.resolve`) to loopback: the
+/// upstream client's dialer refuses it, for the request that connects and for those queued
+/// behind it on the same origin alike.
+#[tokio::test]
+async fn a_routed_host_on_an_internal_address_is_refused_upstream() {
+    let sb = sandbox_with(|c| {
+        c.routes.insert(
+            0,
+            impersonate_proxy::config::RouteConfig {
+                name: Some("local".into()),
+                host: "localhost".into(),
+                path: None,
+                methods: vec![],
+                identity: Some("dev".into()),
+                id_token: None,
+                passthrough: false,
+            },
+        );
+    })
+    .await;
+    let client = sb.client().unwrap();
+    let sends = (0..4).map(|i| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(format!("https://localhost/{i}"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    });
+    for (status, body) in futures_util::future::join_all(sends).await {
+        assert_eq!(status, 403, "{body}");
+        assert!(body.contains("localhost:443 refused"), "{body}");
+    }
+    assert!(sb.origin.seen().is_empty());
+    sb.shutdown().await;
+}
