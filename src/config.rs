@@ -247,6 +247,10 @@ pub enum PlainHttp {
 pub struct UpstreamConfig {
     /// `host:port` → address, like curl's `--resolve`: TLS still verifies `host`.
     pub resolve: BTreeMap<String, SocketAddr>,
+    /// Internal destinations (loopback, link-local, private, unspecified, multicast) are
+    /// refused; these CIDRs (or single addresses) and host names (`*.domain` for its
+    /// subdomains) may be connected to all the same. See `proxy/destination.rs`.
+    pub allow_internal: Vec<String>,
     /// Extra PEM roots trusted for upstream TLS, added to the system roots.
     pub extra_roots: Vec<PathBuf>,
     /// Trust the system roots (turn off to trust only `extra_roots`).
@@ -260,17 +264,33 @@ pub struct UpstreamConfig {
     /// still open on an h2 connection run to their end).
     #[serde(deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
+    /// A response body from which no byte (or trailer) arrives for this long is ended with
+    /// an error, so a silent origin does not hold the client until its own timeout.
+    #[serde(deserialize_with = "de_duration")]
+    pub body_idle_timeout: Duration,
+    /// Upstream connections open at once, all origins and workers together (`proxy/caps.rs`).
+    pub max_connections: usize,
+    /// Upstream connections open at once to one origin (`host:port`).
+    pub max_connections_per_origin: usize,
+    /// How long a request waits for a place under those caps before it gets 503.
+    #[serde(deserialize_with = "de_duration")]
+    pub queue_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             resolve: BTreeMap::new(),
+            allow_internal: Vec::new(),
             extra_roots: Vec::new(),
             system_roots: true,
             connect_timeout: Duration::from_secs(10),
             response_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(90),
+            body_idle_timeout: Duration::from_secs(300),
+            max_connections: 4096,
+            max_connections_per_origin: 512,
+            queue_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -282,10 +302,20 @@ pub struct LimitsConfig {
     /// Time a client has to send a complete request head.
     #[serde(deserialize_with = "de_duration")]
     pub header_read_timeout: Duration,
-    /// A client connection with no request in flight is closed after this.
+    /// A client connection with no request in flight is closed after this (between one and
+    /// two of it; see `proxy/idle.rs`).
     #[serde(deserialize_with = "de_duration")]
     pub idle_timeout: Duration,
+    /// After the 200 to a CONNECT: time for the client's TLS handshake (intercepted) or its
+    /// first byte (blind tunnel). Idle CONNECTs must not hold places under the cap.
+    #[serde(deserialize_with = "de_duration")]
+    pub handshake_timeout: Duration,
+    /// A blind tunnel that moves no byte either way for this long is closed.
+    #[serde(deserialize_with = "de_duration")]
+    pub tunnel_idle_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Header fields in one request, HTTP/1.1 and h2 alike (431 above it).
+    pub max_headers: usize,
     /// Time allowed to finish in-flight requests on shutdown.
     #[serde(deserialize_with = "de_duration")]
     pub drain_timeout: Duration,
@@ -300,7 +330,10 @@ impl Default for LimitsConfig {
             max_connections: 10_000,
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(120),
+            handshake_timeout: Duration::from_secs(10),
+            tunnel_idle_timeout: Duration::from_secs(600),
             max_header_bytes: 64 * 1024,
+            max_headers: 100,
             drain_timeout: Duration::from_secs(30),
             workers: 0,
         }
@@ -564,6 +597,14 @@ impl Config {
                 ));
             }
         }
+        for (i, entry) in self.upstream.allow_internal.iter().enumerate() {
+            if !crate::proxy::destination::valid_allow_entry(entry) {
+                return Err(invalid(
+                    format!("upstream.allow_internal[{i}]"),
+                    "expected a CIDR (10.0.0.0/8), an address, a host name or *.domain".into(),
+                ));
+            }
+        }
         // Host, path and method patterns are checked by compiling the table once here, so a bad
         // pattern is a start-up error that names this file.
         crate::routes::RouteTable::compile(self).map_err(|e| match e {
@@ -673,6 +714,30 @@ impl Config {
                 secs(24 * H),
             ),
             (
+                "upstream.body_idle_timeout",
+                self.upstream.body_idle_timeout,
+                ms(100),
+                secs(24 * H),
+            ),
+            (
+                "upstream.queue_timeout",
+                self.upstream.queue_timeout,
+                ms(100),
+                secs(5 * M),
+            ),
+            (
+                "limits.handshake_timeout",
+                self.limits.handshake_timeout,
+                ms(100),
+                secs(5 * M),
+            ),
+            (
+                "limits.tunnel_idle_timeout",
+                self.limits.tunnel_idle_timeout,
+                ms(100),
+                secs(24 * H),
+            ),
+            (
                 "limits.header_read_timeout",
                 self.limits.header_read_timeout,
                 ms(100),
@@ -681,7 +746,7 @@ impl Config {
             (
                 "limits.idle_timeout",
                 self.limits.idle_timeout,
-                secs(S),
+                ms(100),
                 secs(24 * H),
             ),
             (
@@ -733,6 +798,19 @@ impl Config {
                 self.limits.max_header_bytes,
                 1024,
                 1 << 20,
+            ),
+            ("limits.max_headers", self.limits.max_headers, 1, 10_000),
+            (
+                "upstream.max_connections",
+                self.upstream.max_connections,
+                1,
+                1_000_000,
+            ),
+            (
+                "upstream.max_connections_per_origin",
+                self.upstream.max_connections_per_origin,
+                1,
+                1_000_000,
             ),
             ("limits.workers", self.limits.workers, 0, 1024),
         ];
@@ -1071,6 +1149,32 @@ other_hosts: deny
                 "upstream.response_timeout",
             ),
             ("upstream: { idle_timeout: 0 }", "upstream.idle_timeout"),
+            (
+                "upstream: { body_idle_timeout: 0 }",
+                "upstream.body_idle_timeout",
+            ),
+            ("upstream: { queue_timeout: 1h }", "upstream.queue_timeout"),
+            (
+                "upstream: { max_connections: 0 }",
+                "upstream.max_connections",
+            ),
+            (
+                "upstream: { max_connections_per_origin: 18446744073709551615 }",
+                "upstream.max_connections_per_origin",
+            ),
+            (
+                "upstream: { allow_internal: [10.0.0.0/8, \"not a host\"] }",
+                "upstream.allow_internal[1]",
+            ),
+            (
+                "limits: { handshake_timeout: 0s }",
+                "limits.handshake_timeout",
+            ),
+            (
+                "limits: { tunnel_idle_timeout: 48h }",
+                "limits.tunnel_idle_timeout",
+            ),
+            ("limits: { max_headers: 0 }", "limits.max_headers"),
             ("tokens: { jitter: 18446744073709551615 }", "tokens.jitter"),
             (
                 "tokens: { safety_window: 18446744073709551615 }",

@@ -5,6 +5,7 @@
 //! - `/download?bytes=N`: N bytes, streamed in 64 KiB chunks.
 //! - `/upload`: counts a streamed request body without keeping it.
 //! - `/status/NNN`: answers that status.
+//! - `/stall`: headers and one byte of body, then silence (for the proxy's body idle timeout).
 //! - anything else: a small JSON echo: method, path, host, HTTP version, the bearer token's
 //!   fingerprint and, when the origin knows a tokeninfo URL, whose token it is.
 
@@ -243,6 +244,13 @@ async fn answer(req: Request<Incoming>, sh: &Shared) -> Response<Body> {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         return download(n);
+    }
+    if path == "/stall" {
+        let first = futures_util::stream::once(async {
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"x")))
+        });
+        let stream = futures_util::StreamExt::chain(first, futures_util::stream::pending());
+        return Response::new(BodyExt::boxed(StreamBody::new(stream)));
     }
     if path == "/upload" {
         let mut body = req.into_body();

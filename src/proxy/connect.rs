@@ -20,10 +20,42 @@ use tracing::Instrument;
 
 use super::error::{to_response, ProxyError};
 use super::forward::{self, Target};
+use super::idle::{self, Activity, TunnelEnd};
 use super::token_endpoint;
 use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
 use crate::config::OtherHosts;
+
+/// A client connection's place under `limits.max_connections`, held for as long as the
+/// connection lives in any form: the HTTP/1.1 connection, then the tunnel or intercepted
+/// session a CONNECT turns it into. `connections_active` counts these; it used to be counted
+/// down when the HTTP/1.1 connection handed itself over at the upgrade, so every CONNECT
+/// session left it at 0.
+pub(crate) struct ConnectionSlot {
+    _permit: OwnedSemaphorePermit,
+    state: Arc<ProxyState>,
+}
+
+impl ConnectionSlot {
+    fn new(permit: OwnedSemaphorePermit, state: Arc<ProxyState>) -> ConnectionSlot {
+        let m = &state.metrics;
+        m.connections_total.fetch_add(1, Ordering::Relaxed);
+        m.connections_active.fetch_add(1, Ordering::Relaxed);
+        ConnectionSlot {
+            _permit: permit,
+            state,
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.state
+            .metrics
+            .connections_active
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Serve one client connection in its own task, on the worker that accepted it; `upstream` is
 /// that worker's client. The connection permit travels with whatever the connection becomes
@@ -39,41 +71,44 @@ pub(crate) fn spawn_client(
     let span = tracing::debug_span!("conn", client = %peer);
     tokio::spawn(
         async move {
-            let m = &state.metrics;
-            m.connections_total.fetch_add(1, Ordering::Relaxed);
-            m.connections_active.fetch_add(1, Ordering::Relaxed);
-            let permit = Arc::new(permit);
+            let permit = Arc::new(ConnectionSlot::new(permit, state.clone()));
             let limits = &state.config.limits;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_buf_size(limits.max_header_bytes.max(8192))
+                .max_header_size(limits.max_header_bytes)
+                .max_headers(limits.max_headers)
                 .keep_alive(true);
+            let activity = Arc::new(Activity::default());
             let svc_state = state.clone();
             let svc_stop = stop.clone();
+            let svc_activity = activity.clone();
             let svc = service_fn(move |req| {
-                handle(
+                let busy = svc_activity.begin();
+                let answer = handle(
                     req,
                     peer,
                     svc_state.clone(),
                     upstream.clone(),
                     svc_stop.clone(),
                     permit.clone(),
-                )
+                );
+                idle::counted(busy, answer)
             });
             let conn = http
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
-            // On shutdown: finish the request in flight, then close. An upgraded CONNECT has
-            // already left this future and drains on its own.
-            let result = serve_until_stopped(conn, stop, |c| c.graceful_shutdown()).await;
+            // On shutdown, when idle, or idle at the cap: finish the request in flight, then
+            // close. An upgraded CONNECT has already left this future and lives on its own.
+            let reclaim = state.reclaim.subscribe();
+            let result = idle::serve(conn, stop, reclaim, &activity, limits.idle_timeout, |c| {
+                c.graceful_shutdown()
+            })
+            .await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
-            state
-                .metrics
-                .connections_active
-                .fetch_sub(1, Ordering::Relaxed);
         }
         .instrument(span),
     );
@@ -85,7 +120,7 @@ async fn handle(
     state: Arc<ProxyState>,
     upstream: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnectionSlot>,
 ) -> Result<Response<Body>, Infallible> {
     // For the access line of a refusal: what the client asked for (cheap, shared bytes).
     let asked = req.uri().authority().cloned();
@@ -189,7 +224,7 @@ async fn connect(
     state: &Arc<ProxyState>,
     upstream_client: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
-    permit: Arc<OwnedSemaphorePermit>,
+    permit: Arc<ConnectionSlot>,
 ) -> Result<Response<Body>, ProxyError> {
     let (host, port) = authority_of(req.uri(), None, state)?;
     let intercept = state.routes.routes_host(&host)
@@ -216,7 +251,7 @@ async fn connect(
             }
         };
         match upstream {
-            Some(tcp) => tunnel(upgraded, tcp, peer, &host, port, &state).await,
+            Some(mut tcp) => tunnel(upgraded, &mut tcp, peer, &host, port, &state).await,
             None => {
                 let conn = Intercepted {
                     host,
@@ -235,37 +270,21 @@ async fn connect(
     Ok(resp)
 }
 
-/// Connect to `host:port` for a blind tunnel, honouring `upstream.resolve`.
+/// Connect to `host:port` for a blind tunnel, honouring `upstream.resolve` and the
+/// internal-address policy (`destination.rs`).
 async fn dial(host: &str, port: u16, state: &ProxyState) -> Result<TcpStream, ProxyError> {
-    let up = &state.config.upstream;
-    let unreachable = |message: String| ProxyError::Unreachable {
-        authority: format!("{host}:{port}"),
-        message,
-    };
-    let mapped = state.overrides.get(host, port);
-    let fut = async {
-        match mapped {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect((host, port)).await,
-        }
-    };
-    match tokio::time::timeout(up.connect_timeout, fut).await {
-        Ok(Ok(s)) => {
-            let _ = s.set_nodelay(true);
-            Ok(s)
-        }
-        Ok(Err(e)) => Err(unreachable(e.to_string())),
-        Err(_) => Err(unreachable(format!(
-            "connect timed out after {}s",
-            up.connect_timeout.as_secs()
-        ))),
-    }
+    state
+        .destinations
+        .dial(host, port)
+        .await
+        .map_err(|e| ProxyError::from_dial(format!("{host}:{port}"), e))
 }
 
-/// Copy bytes both ways until either side closes; one access line when it ends.
+/// Copy bytes both ways until either side closes, or the tunnel is idle (`idle.rs`); one
+/// access line when it ends.
 async fn tunnel(
     upgraded: hyper::upgrade::Upgraded,
-    mut tcp: TcpStream,
+    tcp: &mut TcpStream,
     peer: SocketAddr,
     host: &str,
     port: u16,
@@ -274,17 +293,29 @@ async fn tunnel(
     state.metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
     let mut client = TokioIo::new(upgraded);
-    let copied = tokio::io::copy_bidirectional(&mut client, &mut tcp).await;
+    let limits = &state.config.limits;
+    let (end, up, down) = idle::tunnel(
+        &mut client,
+        tcp,
+        limits.handshake_timeout,
+        limits.tunnel_idle_timeout,
+        state.reclaim.subscribe(),
+    )
+    .await;
     let secs = started.elapsed().as_secs_f64();
-    match copied {
-        Ok((up, down)) => tracing::info!(
+    match end {
+        TunnelEnd::Done(Ok(_)) => tracing::info!(
             target: "impersonate_proxy::access",
             client = %peer, host, port, up, down, secs, "tunnel closed"
         ),
         // A reset by either end is how many tunnels end; not the proxy's failure.
-        Err(e) => tracing::info!(
+        TunnelEnd::Done(Err(e)) => tracing::info!(
             target: "impersonate_proxy::access",
-            client = %peer, host, port, secs, reason = %e, "tunnel ended with an error"
+            client = %peer, host, port, up, down, secs, reason = %e, "tunnel ended with an error"
+        ),
+        TunnelEnd::Closed(reason) => tracing::info!(
+            target: "impersonate_proxy::access",
+            client = %peer, host, port, up, down, secs, reason, "tunnel closed by the proxy"
         ),
     }
 }
@@ -315,42 +346,34 @@ async fn intercept_tls(
         .metrics
         .intercepts_total
         .fetch_add(1, Ordering::Relaxed);
-    let acceptor =
-        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
-    let start = match acceptor.await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::info!(target: "impersonate_proxy::access", client = %peer, host, port, reason = %e, "client did not start TLS");
-            return;
-        }
+    let limits = &state.config.limits;
+    let accepting = async {
+        let acceptor =
+            LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
+        let start = match acceptor.await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(target: "impersonate_proxy::access", client = %peer, host, port, reason = %e, "client did not start TLS");
+                return None;
+            }
+        };
+        handshake(start, &host, port, peer, &state).await
     };
-    // The CONNECT target decides where the request goes and which routes apply; a client
-    // hello naming another host is refused rather than trusted.
-    if let Some(sni) = start.client_hello().server_name() {
-        if !sni.trim_end_matches('.').eq_ignore_ascii_case(&host) {
-            tracing::info!(
-                target: "impersonate_proxy::access",
-                client = %peer,
-                host,
-                port,
-                sni,
-                "refused: the TLS server name differs from the CONNECT host"
-            );
-            return;
-        }
-    }
-    let config = match state.ca.server_config(&host) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::warn!(host, error = %e, "cannot mint a certificate");
-            return;
-        }
-    };
-    let tls = match start.into_stream(config).await {
-        Ok(t) => t,
-        Err(e) => {
-            // Most often the client does not trust the proxy's CA: say so where users look.
-            tracing::info!(target: "impersonate_proxy::access", client = %peer, host, port, reason = %e, "TLS handshake with the client failed");
+    let tls = match idle::before_handshake(
+        accepting,
+        limits.handshake_timeout,
+        state.reclaim.subscribe(),
+    )
+    .await
+    {
+        Ok(Some(tls)) => tls,
+        Ok(None) => return,
+        Err(why) => {
+            let reason = match why {
+                idle::Close::AtCap => "closed at limits.max_connections before the TLS handshake",
+                _ => "no TLS handshake within limits.handshake_timeout",
+            };
+            tracing::info!(target: "impersonate_proxy::access", client = %peer, host, port, reason, "client did not start TLS");
             return;
         }
     };
@@ -365,26 +388,32 @@ async fn intercept_tls(
     // `facade.token_endpoint`: this connection's token requests are answered here.
     let answers_tokens =
         state.config.facade.token_endpoint && token_endpoint::is_host(&target.host);
+    let activity = Arc::new(Activity::default());
+    let svc_activity = activity.clone();
     let svc = service_fn(move |req| {
+        let busy = svc_activity.begin();
         if answers_tokens && token_endpoint::is_token_request(&target.host, &req) {
             let host = target.host.clone();
-            return Either::Left(async move { token_endpoint::answer(req, &host, peer).await });
+            return Either::Left(idle::counted(busy, async move {
+                token_endpoint::answer(req, &host, peer).await
+            }));
         }
-        Either::Right(forward::request(
+        let answer = forward::request(
             req,
             target.clone(),
             peer,
             svc_state.clone(),
             upstream.clone(),
-        ))
+        );
+        Either::Right(idle::counted(busy, answer))
     });
-    let limits = &state.config.limits;
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
         .keep_alive(true);
     builder
         .http2()
@@ -393,34 +422,57 @@ async fn intercept_tls(
         .adaptive_window(true)
         .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-    let result = serve_until_stopped(conn, stop, |c| c.graceful_shutdown()).await;
+    let result = idle::serve(
+        conn,
+        stop,
+        state.reclaim.subscribe(),
+        &activity,
+        limits.idle_timeout,
+        |c| c.graceful_shutdown(),
+    )
+    .await;
     if let Err(e) = result {
         tracing::debug!(error = %e, "intercepted connection ended with an error");
     }
 }
 
-/// Drive a connection to its end; once shutdown begins, ask it to finish gracefully (each
-/// hyper connection type has its own `graceful_shutdown`) and keep driving it.
-async fn serve_until_stopped<C, E>(
-    conn: C,
-    mut stop: watch::Receiver<bool>,
-    graceful: impl FnOnce(std::pin::Pin<&mut C>),
-) -> Result<(), E>
-where
-    C: std::future::Future<Output = Result<(), E>>,
-{
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        _ = stopped(&mut stop) => {
-            graceful(conn.as_mut());
-            conn.await
+/// The rest of the TLS handshake once the client hello is in: check its server name, mint a
+/// leaf for the CONNECT host, accept. `None` (logged) if any step fails.
+async fn handshake(
+    start: tokio_rustls::StartHandshake<TokioIo<hyper::upgrade::Upgraded>>,
+    host: &str,
+    port: u16,
+    peer: SocketAddr,
+    state: &ProxyState,
+) -> Option<tokio_rustls::server::TlsStream<TokioIo<hyper::upgrade::Upgraded>>> {
+    // The CONNECT target decides where the request goes and which routes apply; a client
+    // hello naming another host is refused rather than trusted.
+    if let Some(sni) = start.client_hello().server_name() {
+        if !sni.trim_end_matches('.').eq_ignore_ascii_case(host) {
+            tracing::info!(
+                target: "impersonate_proxy::access",
+                client = %peer,
+                host,
+                port,
+                sni,
+                "refused: the TLS server name differs from the CONNECT host"
+            );
+            return None;
         }
     }
-}
-
-/// Resolves once shutdown has begun (or the sender is gone). The watch guard is dropped here,
-/// before the caller awaits anything else.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
+    let config = match state.ca.server_config(host) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(host, error = %e, "cannot mint a certificate");
+            return None;
+        }
+    };
+    match start.into_stream(config).await {
+        Ok(t) => Some(t),
+        Err(e) => {
+            // Most often the client does not trust the proxy's CA: say so where users look.
+            tracing::info!(target: "impersonate_proxy::access", client = %peer, host, port, reason = %e, "TLS handshake with the client failed");
+            None
+        }
+    }
 }

@@ -28,8 +28,17 @@ pub enum ProxyError {
     },
     #[error("upstream {authority} unreachable: {message}")]
     Unreachable { authority: String, message: String },
+    /// The target connects to an internal address the config does not allow.
+    #[error("refused by policy: {authority}: {message}")]
+    Internal { authority: String, message: String },
+    /// No upstream connection came free under the caps in time.
+    #[error("upstream {authority} busy: {message}")]
+    Saturated { authority: String, message: String },
     #[error("upstream {authority} did not answer within {secs}s")]
     Timeout { authority: String, secs: u64 },
+    /// More header fields than `limits.max_headers` (HTTP/1.1 gets this from hyper).
+    #[error("{count} header fields, more than limits.max_headers ({max})")]
+    TooManyHeaders { count: usize, max: usize },
     #[error("invalid configuration: {0}")]
     Config(String),
 }
@@ -42,16 +51,87 @@ impl ProxyError {
             ProxyError::Misdirected { .. } => StatusCode::MISDIRECTED_REQUEST,
             ProxyError::NoToken { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Internal { .. } => StatusCode::FORBIDDEN,
+            ProxyError::Saturated { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
 
+impl ProxyError {
+    /// A failed connect: a refusal by the internal-address policy, or unreachable.
+    pub(crate) fn from_dial(authority: String, e: super::destination::DialError) -> ProxyError {
+        match e {
+            super::destination::DialError::Internal { .. } => ProxyError::Internal {
+                authority,
+                message: e.to_string(),
+            },
+            e => ProxyError::Unreachable {
+                authority,
+                message: e.to_string(),
+            },
+        }
+    }
+
+    /// An upstream client's error: a refusal if a connect was refused by the policy, else
+    /// unreachable; the message is the whole chain, for the access log.
+    pub(crate) fn from_upstream(
+        authority: String,
+        e: &(dyn std::error::Error + 'static),
+    ) -> ProxyError {
+        let message = crate::error_chain(e);
+        let mut cur = Some(e);
+        while let Some(c) = cur {
+            if let Some(super::destination::DialError::Internal { .. }) =
+                c.downcast_ref::<super::destination::DialError>()
+            {
+                return ProxyError::Internal { authority, message };
+            }
+            if c.is::<super::caps::Saturated>() {
+                return ProxyError::Saturated { authority, message };
+            }
+            cur = c.source();
+        }
+        ProxyError::Unreachable { authority, message }
+    }
+
+    /// What the client is told. A failed or refused connect says only that, so the proxy
+    /// cannot be used to scan which ports answer where; the access log keeps the cause.
+    fn client_message(&self) -> String {
+        match self {
+            ProxyError::Unreachable { authority, .. } => {
+                format!("impersonate-proxy: upstream {authority} unreachable")
+            }
+            ProxyError::Internal { authority, .. } => {
+                format!("impersonate-proxy: {authority} refused")
+            }
+            ProxyError::Saturated { authority, .. } => {
+                format!("impersonate-proxy: upstream {authority} busy; try again")
+            }
+            e => format!("impersonate-proxy: {e}"),
+        }
+    }
+}
+
+/// Why a response body the proxy relays ended early: the origin's connection failed, or the
+/// origin went silent (`upstream.body_idle_timeout`). A concrete type, not a boxed error:
+/// hyper's bounds on body errors then hold inside spawned tasks.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error(transparent)]
+    Origin(#[from] hyper::Error),
+    #[error("the origin sent nothing for {0} (upstream.body_idle_timeout)")]
+    Idle(String),
+}
+
 /// Google's status names for the codes we return.
 fn google_status(code: StatusCode) -> &'static str {
     match code {
-        StatusCode::BAD_REQUEST | StatusCode::MISDIRECTED_REQUEST => "INVALID_ARGUMENT",
+        StatusCode::BAD_REQUEST
+        | StatusCode::MISDIRECTED_REQUEST
+        | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "INVALID_ARGUMENT",
         StatusCode::FORBIDDEN => "PERMISSION_DENIED",
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY => "UNAVAILABLE",
         StatusCode::GATEWAY_TIMEOUT => "DEADLINE_EXCEEDED",
@@ -62,11 +142,13 @@ fn google_status(code: StatusCode) -> &'static str {
 /// gRPC's code for each of our statuses (the HTTP-to-gRPC mapping of the gRPC spec).
 fn grpc_code(code: StatusCode) -> u8 {
     match code {
-        StatusCode::BAD_REQUEST | StatusCode::MISDIRECTED_REQUEST => 3, // INVALID_ARGUMENT
-        StatusCode::FORBIDDEN => 7,                                     // PERMISSION_DENIED
-        StatusCode::GATEWAY_TIMEOUT => 4,                               // DEADLINE_EXCEEDED
+        StatusCode::BAD_REQUEST
+        | StatusCode::MISDIRECTED_REQUEST
+        | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => 3, // INVALID_ARGUMENT
+        StatusCode::FORBIDDEN => 7,       // PERMISSION_DENIED
+        StatusCode::GATEWAY_TIMEOUT => 4, // DEADLINE_EXCEEDED
         StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => 14, // UNAVAILABLE
-        _ => 13,                                                        // INTERNAL
+        _ => 13,                          // INTERNAL
     }
 }
 
@@ -77,7 +159,7 @@ pub fn to_response_for(err: &ProxyError, grpc: bool) -> Response<Body> {
     if !grpc {
         return to_response(err);
     }
-    let message = format!("impersonate-proxy: {err}");
+    let message = err.client_message();
     // grpc-message is percent-encoded; keep printable ASCII other than '%' as is.
     let encoded: String = message
         .bytes()
@@ -115,7 +197,7 @@ pub fn to_response(err: &ProxyError) -> Response<Body> {
     let body = serde_json::json!({
         "error": {
             "code": status.as_u16(),
-            "message": format!("impersonate-proxy: {err}"),
+            "message": err.client_message(),
             "status": google_status(status),
             "details": [],
         }
@@ -139,17 +221,28 @@ mod tests {
 
     #[test]
     fn grpc_clients_get_a_trailers_only_status() {
-        let err = ProxyError::Unreachable {
+        let err = ProxyError::Timeout {
             authority: "pubsub.googleapis.com:443".into(),
-            message: "connection refused 100%".into(),
+            secs: 100,
         };
         let resp = to_response_for(&err, true);
         assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["grpc-status"], "4");
+        let err = ProxyError::BadRequest("a 100% bad request".into());
+        let resp = to_response_for(&err, true);
+        assert_eq!(resp.headers()["grpc-status"], "3");
+        let msg = resp.headers()["grpc-message"].to_str().unwrap();
+        assert!(msg.contains("100%25 bad"), "{msg}");
+        let err = ProxyError::Unreachable {
+            authority: "pubsub.googleapis.com:443".into(),
+            message: "Connection refused (os error 111)".into(),
+        };
+        let resp = to_response_for(&err, true);
         assert_eq!(resp.headers()["grpc-status"], "14");
         let msg = resp.headers()["grpc-message"].to_str().unwrap();
-        assert!(
-            msg.contains("pubsub.googleapis.com:443") && msg.ends_with("100%25"),
-            "{msg}"
+        assert_eq!(
+            msg,
+            "impersonate-proxy: upstream pubsub.googleapis.com:443 unreachable"
         );
         assert_eq!(
             to_response_for(&err, false).status(),

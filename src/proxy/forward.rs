@@ -165,6 +165,14 @@ async fn forward(
     upstream: &UpstreamClient,
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    // One limit for both protocols: hyper enforces it on HTTP/1.1, h2 has only a size limit.
+    let max = state.config.limits.max_headers;
+    if parts.headers.len() > max {
+        return Err(ProxyError::TooManyHeaders {
+            count: parts.headers.len(),
+            max,
+        });
+    }
     // The table in `headers.rs`, row by row: the authority first, since the route and the
     // token belong to the connection's target.
     headers::check_authority(&mut parts, &target.expected())?;
@@ -259,12 +267,7 @@ async fn forward(
     let sent = tokio::time::timeout(timeout, Box::pin(upstream.request(req)));
     let mut resp = match sent.await {
         Ok(Ok(resp)) => resp,
-        Ok(Err(e)) => {
-            return Err(ProxyError::Unreachable {
-                authority: target.host_port(),
-                message: crate::error_chain(&*e),
-            })
-        }
+        Ok(Err(e)) => return Err(ProxyError::from_upstream(target.host_port(), &*e)),
         Err(_) => {
             return Err(ProxyError::Timeout {
                 authority: target.host_port(),
@@ -282,7 +285,8 @@ async fn forward(
         let origin = hyper::upgrade::on(&mut resp);
         tokio::spawn(join_upgraded(client, origin, target.host_port()));
     }
-    Ok(resp.map(|b| b.boxed()))
+    let idle = state.config.upstream.body_idle_timeout;
+    Ok(resp.map(|b| super::idle::BodyIdle::new(b, idle).boxed()))
 }
 
 /// The protocol a client asks to switch to, if it asks the HTTP/1.1 way.

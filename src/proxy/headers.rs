@@ -8,6 +8,7 @@
 //! | `Connection` and every field it names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` | dropped (RFC 9110 §7.6.1) | an HTTP/1.1 upgrade is asked for again (`Upgrade`, `Connection: upgrade`) | never sent (RFC 9113 §8.2.2) | dropped; a 101 says `Upgrade` again |
 //! | `TE` | kept only as `trailers` | `TE: trailers` | `te: trailers` | dropped |
 //! | `Proxy-Authorization`, `Proxy-Authenticate` | the proxy's own; never forwarded | — | — | dropped |
+//! | `Metadata-Flavor` | never forwarded: it is what a cloud metadata server asks of a caller before it hands out credentials, and no origin behind the proxy has a use for it | — | — | dropped |
 //! | `Cookie` | h2 clients may split it into several fields (RFC 9113 §8.2.3) | joined into one with `; ` | carried as sent | — |
 //! | `Content-Length` | kept only if it equals the body's framed length, else dropped (the body is then chunked, or framed by h2) | | | dropped beside `Transfer-Encoding` (RFC 9112 §6.3) |
 //!
@@ -36,7 +37,7 @@ pub(crate) enum Rule {
 }
 
 /// The table; see the module documentation.
-pub(crate) static RULES: [(HeaderName, Rule); 11] = [
+pub(crate) static RULES: [(HeaderName, Rule); 12] = [
     (header::CONNECTION, Rule::HopByHop),
     (HeaderName::from_static("keep-alive"), Rule::HopByHop),
     (HeaderName::from_static("proxy-connection"), Rule::HopByHop),
@@ -44,6 +45,7 @@ pub(crate) static RULES: [(HeaderName, Rule); 11] = [
     (header::UPGRADE, Rule::HopByHop),
     (header::PROXY_AUTHORIZATION, Rule::HopByHop),
     (header::PROXY_AUTHENTICATE, Rule::HopByHop),
+    (HeaderName::from_static("metadata-flavor"), Rule::HopByHop),
     (header::TE, Rule::TrailersOnly),
     (header::HOST, Rule::Authority),
     (header::COOKIE, Rule::JoinForHttp1),
@@ -396,6 +398,22 @@ mod tests {
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.len(), 2, "{names:?}");
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn metadata_flavor_is_never_forwarded() {
+        // Alone (the fast path finds it) and beside other fields.
+        let mut h = HeaderMap::new();
+        h.insert("metadata-flavor", HeaderValue::from_static("Google"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("Metadata-Flavor", HeaderValue::from_static("Google"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key("metadata-flavor"));
+        assert_eq!(h.len(), 2);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //!
 //! - `mod.rs`: [`ProxyState`] (everything a request needs, built once) and [`run`], which
 //!   serves on one worker thread per core.
+//! - `caps.rs`: caps on upstream connections (per origin, in total) and the open-file limit.
 //! - `connect.rs`: the client-facing HTTP/1.1 service: CONNECT, absolute-form, refusals.
 //! - `forward.rs`: one intercepted request: route, token, header rewrite, upstream, access log.
 //! - `headers.rs`: the header rules between the two legs (HTTP/1.1 and h2 either side), as one
@@ -10,15 +11,22 @@
 //!   the gate that makes `Expect: 100-continue` wait for an HTTP/1.1 origin's 100.
 //! - `upstream.rs`: the upstream client, its resolver, and the connector that notes each
 //!   origin's protocol.
+//! - `destination.rs`: where the proxy may connect (no internal addresses unless allowed), and
+//!   the dialer that tunnels and the upstream client share.
+//! - `idle.rs`: idle clients: handshake, request and tunnel idle timeouts, and closing idle
+//!   connections first at `limits.max_connections`.
 //! - `multiplex.rs`: a worker's one h2 connection per origin, used without a pool.
 //! - `token_endpoint.rs`: `facade.token_endpoint`, the OAuth2 token endpoint answered with a
 //!   placeholder.
 //! - `error.rs`: [`ProxyError`] and its response.
 
+mod caps;
 mod connect;
+pub(crate) mod destination;
 pub mod error;
 mod forward;
 mod headers;
+mod idle;
 mod multiplex;
 mod token_endpoint;
 mod upload;
@@ -42,7 +50,7 @@ use crate::routes::{Action, RouteTable};
 use crate::tokens::{TokenEngine, TokenSlot, TokenSpec};
 
 /// Every response body the proxy produces: the origin's streamed body or a small local one.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, error::BodyError>;
 
 /// What a route resolves to, computed once at start-up so a request does one table lookup and
 /// one slot read.
@@ -84,13 +92,18 @@ pub struct ProxyState {
     pub engine: Arc<TokenEngine>,
     /// Checked at start-up; each worker builds its own upstream client from it.
     upstream_tls: rustls::ClientConfig,
-    /// `upstream.resolve`, for the upstream clients and for blind tunnels alike.
-    pub(crate) overrides: Arc<upstream::Overrides>,
+    /// `upstream.resolve` and the internal-address policy, for the upstream clients and for
+    /// blind tunnels alike.
+    pub(crate) destinations: Arc<destination::Destinations>,
+    /// Upstream connections per origin and in total, across workers.
+    pub(crate) caps: Arc<caps::UpstreamCaps>,
     /// What each origin negotiated, as the workers' upstream connectors find out.
     pub(crate) protocols: Arc<upstream::Protocols>,
     pub metrics: Metrics,
     /// Caps concurrent client connections (`limits.max_connections`).
     pub(crate) connections: Arc<Semaphore>,
+    /// Bumped when the cap is reached: every idle connection closes (`idle.rs`).
+    pub(crate) reclaim: watch::Sender<u64>,
 }
 
 impl ProxyState {
@@ -142,7 +155,12 @@ impl ProxyState {
             });
         }
         let upstream_tls = upstream::tls_config(&config.upstream)?;
-        let overrides = Arc::new(upstream::Overrides::from_config(&config.upstream));
+        let destinations = Arc::new(destination::Destinations::from_config(&config.upstream));
+        let caps = Arc::new(caps::UpstreamCaps::from_config(&config.upstream));
+        caps::raise_fd_limit(
+            config.limits.max_connections,
+            config.upstream.max_connections,
+        );
         let connections = Arc::new(Semaphore::new(config.limits.max_connections));
         Ok(Arc::new(ProxyState {
             config,
@@ -151,10 +169,12 @@ impl ProxyState {
             ca,
             engine,
             upstream_tls,
-            overrides,
+            destinations,
+            caps,
             protocols: Arc::default(),
             metrics: Metrics::default(),
             connections,
+            reclaim: watch::Sender::new(0),
         }))
     }
 }
@@ -263,18 +283,18 @@ async fn accept_loop(
     let upstream = Arc::new(upstream::client(
         state.upstream_tls.clone(),
         &state.config.upstream,
-        state.overrides.clone(),
+        state.destinations.clone(),
+        state.caps.clone(),
         state.protocols.clone(),
     ));
     loop {
-        // Take a permit before accepting: at the cap, new clients wait in the kernel backlog
-        // instead of being accepted and starved.
-        let permit = tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            p = state.connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+        // Take a permit before accepting while there are free ones. At the cap, accept one
+        // client and hold it (at most one per worker) while every idle connection is asked to
+        // close; it is served once a place is free.
+        let permit = match state.connections.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(tokio::sync::TryAcquireError::Closed) => break,
+            Err(tokio::sync::TryAcquireError::NoPermits) => None,
         };
         let (stream, peer) = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
@@ -287,6 +307,20 @@ async fn accept_loop(
                     continue;
                 }
             },
+        };
+        let permit = match permit {
+            Some(p) => p,
+            None => {
+                tracing::debug!("at limits.max_connections: closing idle connections");
+                state.reclaim.send_modify(|g| *g = g.wrapping_add(1));
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => break,
+                    p = state.connections.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                }
+            }
         };
         let _ = stream.set_nodelay(true);
         connect::spawn_client(

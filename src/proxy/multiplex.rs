@@ -18,6 +18,8 @@
 //!   its driver ends or when a request is handed back unsent; such a request is sent once more
 //!   on a new connection, as hyper-util's client retries a request its pooled connection never
 //!   sent.
+//! - **Caps.** Each connection holds its places under `upstream.max_connections` and
+//!   `max_connections_per_origin` (`caps.rs`), taken by the dialer before it connects.
 //! - **Idle connections close** after `upstream.idle_timeout` without a new request, as the
 //!   pool's do. Streams still open on them run to their end.
 //!
@@ -46,7 +48,7 @@ struct Entry {
     live: Option<Live>,
     connecting: Arc<tokio::sync::Mutex<()>>,
     /// When the newest failed connect ended, and why.
-    failed: Option<(Instant, Arc<str>)>,
+    failed: Option<(Instant, Arc<BoxError>)>,
 }
 
 struct Live {
@@ -158,27 +160,27 @@ impl Multiplex {
             return Ok(Some(live));
         }
         if let Some(why) = self.failed_since(authority, waited_from) {
-            return Err(why.to_string().into());
+            return Err(Box::new(ConnectFailed(why)));
         }
         match self.open(authority).await {
             Err(e) => {
-                let why: Arc<str> = crate::error_chain(&*e).into();
+                let why = Arc::new(e);
                 let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(entry) = entries.get_mut(authority) {
                     // Kept for the requests queued behind this connect; with none, dropped.
                     if Arc::strong_count(&entry.connecting) > 2 {
-                        entry.failed = Some((Instant::now(), why));
+                        entry.failed = Some((Instant::now(), why.clone()));
                     } else if entry.live.is_none() {
                         entries.remove(authority);
                     }
                 }
-                Err(e)
+                Err(Box::new(ConnectFailed(why)))
             }
             ok => ok,
         }
     }
 
-    fn failed_since(&self, authority: &Authority, since: Instant) -> Option<Arc<str>> {
+    fn failed_since(&self, authority: &Authority, since: Instant) -> Option<Arc<BoxError>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         let (at, why) = entries.get(authority)?.failed.as_ref()?;
         (*at >= since).then(|| why.clone())
@@ -229,6 +231,24 @@ impl Multiplex {
         if let Some(authority) = uri.authority() {
             forget(&self.entries, authority, id);
         }
+    }
+}
+
+/// A failed connect, shared by the request that made it and those queued behind it; its
+/// cause stays reachable through `source()`, so a refusal by the address policy or the caps
+/// answers every one of them the same way.
+#[derive(Debug)]
+struct ConnectFailed(Arc<BoxError>);
+
+impl std::fmt::Display for ConnectFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cannot connect")
+    }
+}
+
+impl std::error::Error for ConnectFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&**self.0)
     }
 }
 

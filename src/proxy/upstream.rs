@@ -24,13 +24,15 @@ use http::uri::Scheme;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::MaybeHttpsStream;
-use hyper_util::client::legacy::connect::{Connection, HttpConnector};
+use hyper_util::client::legacy::connect::Connection;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tower::Service;
 
+use super::caps::{Capped, UpstreamCaps};
+use super::destination::Destinations;
 use super::error::ProxyError;
 use super::headers::{self, RequestedUpgrade};
 use super::multiplex::Multiplex;
@@ -158,7 +160,7 @@ pub struct Connector {
 }
 
 impl Service<http::Uri> for Connector {
-    type Response = MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>;
+    type Response = MaybeHttpsStream<TokioIo<Capped>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -208,21 +210,22 @@ impl Overrides {
     }
 }
 
-/// The TCP leg under TLS: an overridden `host:port` connects to its address (TLS above still
-/// verifies the host name from the URI), anything else through hyper-util's connector and DNS.
+/// The TCP leg under TLS: [`Destinations::dial`], so an overridden `host:port` connects to
+/// its address (TLS above still verifies the host name from the URI) and no connection goes
+/// to an internal address the config does not allow.
 #[derive(Clone)]
 pub struct Dialer {
-    overrides: Arc<Overrides>,
-    http: HttpConnector,
+    destinations: Arc<Destinations>,
+    caps: Arc<UpstreamCaps>,
 }
 
 impl Service<http::Uri> for Dialer {
-    type Response = <HttpConnector as Service<http::Uri>>::Response;
-    type Error = <HttpConnector as Service<http::Uri>>::Error;
-    type Future = <HttpConnector as Service<http::Uri>>::Future;
+    type Response = TokioIo<Capped>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.http.poll_ready(cx)
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
@@ -231,20 +234,15 @@ impl Service<http::Uri> for Dialer {
             _ => 443,
         });
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        match self.overrides.get(host, port) {
-            // An IP literal: the connector parses it and asks no resolver.
-            Some(addr) => match http::Uri::builder()
-                .scheme("http")
-                .authority(addr.to_string())
-                .path_and_query("/")
-                .build()
-            {
-                Ok(to) => self.http.call(to),
-                Err(_) => self.http.call(uri),
-            },
-            None => self.http.call(uri),
-        }
+        let destinations = self.destinations.clone();
+        let caps = self.caps.clone();
+        Box::pin(async move {
+            // A place under the caps first: a request queued here takes any pooled
+            // connection that comes free meanwhile.
+            let places = caps.acquire(key(&host, port)).await?;
+            let tcp = destinations.dial(&host, port).await?;
+            Ok(TokioIo::new(Capped::new(tcp, places)))
+        })
     }
 }
 
@@ -292,14 +290,11 @@ pub fn tls_config(cfg: &UpstreamConfig) -> Result<rustls::ClientConfig, ProxyErr
 pub fn client(
     tls: rustls::ClientConfig,
     cfg: &UpstreamConfig,
-    overrides: Arc<Overrides>,
+    destinations: Arc<Destinations>,
+    caps: Arc<UpstreamCaps>,
     protocols: Arc<Protocols>,
 ) -> UpstreamClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(cfg.connect_timeout));
-    let dialer = Dialer { overrides, http };
+    let dialer = Dialer { destinations, caps };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

@@ -1,0 +1,348 @@
+//! Where the proxy may connect, and the one dialer that blind tunnels and the upstream client
+//! share.
+//!
+//! By default no connection goes to an internal address: loopback, link-local (which holds
+//! the cloud metadata server, 169.254.169.254), private (RFC 1918, ULA `fc00::/7`),
+//! unspecified or multicast. The check runs on each address the dialer is about to connect
+//! to, after DNS, so a name that resolves (or rebinds) to an internal address is refused like
+//! the address itself; an IPv4 address inside IPv6 (`::ffff:127.0.0.1`) counts as the IPv4
+//! one. Two things open a hole on purpose:
+//!
+//! - `upstream.allow_internal`: CIDRs (`10.1.0.0/16`, or one address) whose addresses may be
+//!   connected to, and host names (`internal.example.com`, or `*.corp.example.com` for its
+//!   subdomains) that may connect wherever they resolve.
+//! - `upstream.resolve`: a `host:port` the operator mapped to an address connects there,
+//!   whatever the address is; writing the mapping is the deliberate choice.
+//!
+//! The check costs one comparison per address of each new connection, never anything per
+//! request on a connection already open.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::upstream::Overrides;
+use crate::config::UpstreamConfig;
+
+/// Why a connect did not happen. The access log gets all of it; a client only "refused" or
+/// "unreachable".
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("{addr} is an internal address (loopback, link-local, private, unspecified or multicast); upstream.allow_internal would open it")]
+    Internal { addr: IpAddr },
+    #[error("cannot resolve: {0}")]
+    Resolve(std::io::Error),
+    #[error("{0}")]
+    Connect(std::io::Error),
+    #[error("connect timed out after {0}")]
+    Timeout(String),
+}
+
+/// A network: an address and how many leading bits of it count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// `10.0.0.0/8`, `fd00::/8`, or one address (`127.0.0.1`, `::1`).
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p.parse::<u8>().ok()?)),
+            None => (s, None),
+        };
+        let net: IpAddr = addr
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse()
+            .ok()?;
+        let max = if net.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(max);
+        (prefix <= max).then_some(Cidr { net, prefix })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.net, canonical(ip)) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                prefix_eq(&n.octets(), &a.octets(), u32::from(self.prefix))
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                prefix_eq(&n.octets(), &a.octets(), u32::from(self.prefix))
+            }
+            _ => false,
+        }
+    }
+}
+
+/// The first `bits` bits of `a` and `b` are equal.
+fn prefix_eq(a: &[u8], b: &[u8], bits: u32) -> bool {
+    let whole = (bits / 8) as usize;
+    if a[..whole] != b[..whole] {
+        return false;
+    }
+    let rest = bits % 8;
+    if rest == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest);
+    (a[whole] & mask) == (b[whole] & mask)
+}
+
+/// An IPv4 address carried in IPv6 (`::ffff:a.b.c.d`) is that IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// Loopback, link-local, private, unspecified or multicast: refused unless allowed.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match canonical(ip) {
+        IpAddr::V4(a) => {
+            a.is_loopback()
+                || a.is_link_local()
+                || a.is_private()
+                || a.is_multicast()
+                || a.is_broadcast()
+                // 0.0.0.0/8, "this network": Linux connects 0.0.0.0 to the local host.
+                || a.octets()[0] == 0
+        }
+        IpAddr::V6(a) => {
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                // fe80::/10, link-local.
+                || (a.segments()[0] & 0xffc0) == 0xfe80
+                // fc00::/7, unique local.
+                || (a.segments()[0] & 0xfe00) == 0xfc00
+        }
+    }
+}
+
+/// The connect policy and the `resolve` map, built once from the config.
+pub struct Destinations {
+    overrides: Overrides,
+    nets: Vec<Cidr>,
+    /// Exact names, lower-case; a `*.suffix` entry is kept as `.suffix`.
+    hosts: Vec<String>,
+    connect_timeout: Duration,
+}
+
+impl Destinations {
+    pub fn from_config(cfg: &UpstreamConfig) -> Destinations {
+        let mut nets = Vec::new();
+        let mut hosts = Vec::new();
+        // Entries were checked when the config loaded.
+        for entry in &cfg.allow_internal {
+            match Cidr::parse(entry) {
+                Some(c) => nets.push(c),
+                None => {
+                    let h = entry.trim_end_matches('.').to_ascii_lowercase();
+                    hosts.push(h.strip_prefix('*').map(str::to_string).unwrap_or(h));
+                }
+            }
+        }
+        Destinations {
+            overrides: Overrides::from_config(cfg),
+            nets,
+            hosts,
+            connect_timeout: cfg.connect_timeout,
+        }
+    }
+
+    /// `upstream.allow_internal` names `host` (lower-case, no brackets).
+    fn allows_host(&self, host: &str) -> bool {
+        self.hosts.iter().any(|h| match h.strip_prefix('.') {
+            Some(_) => host.ends_with(h.as_str()),
+            None => h == host,
+        })
+    }
+
+    /// Whether `ip` may be connected to for a host that `allow_internal` does not name.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        !is_internal(ip) || self.nets.iter().any(|n| n.contains(ip))
+    }
+
+    /// Connect to `host:port` (`host` lower-case; an IPv6 literal with or without brackets):
+    /// its `upstream.resolve` address if it has one, else each address DNS gives that the
+    /// policy allows, in turn, all within `upstream.connect_timeout`.
+    pub async fn dial(&self, host: &str, port: u16) -> Result<TcpStream, DialError> {
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let timeout = self.connect_timeout;
+        match tokio::time::timeout(timeout, self.connect(host, port)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(DialError::Timeout(crate::config::show(timeout))),
+        }
+    }
+
+    async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, DialError> {
+        if let Some(addr) = self.overrides.get(host, port) {
+            return TcpStream::connect(addr).await.map_err(DialError::Connect);
+        }
+        let named = self.allows_host(host);
+        let check = |addr: SocketAddr| {
+            if named || self.allows(addr.ip()) {
+                Ok(addr)
+            } else {
+                Err(DialError::Internal { addr: addr.ip() })
+            }
+        };
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            let addr = check(SocketAddr::new(ip, port))?;
+            return TcpStream::connect(addr).await.map_err(DialError::Connect);
+        }
+        let addrs = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(DialError::Resolve)?;
+        // A connect failure says more than a refusal when a name has both kinds of address.
+        let mut refused = None;
+        let mut failed = None;
+        for addr in addrs {
+            match check(addr) {
+                Ok(addr) => match TcpStream::connect(addr).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => failed = Some(DialError::Connect(e)),
+                },
+                Err(e) => refused = Some(e),
+            }
+        }
+        Err(failed.or(refused).unwrap_or_else(|| {
+            DialError::Resolve(std::io::Error::other("the name has no address"))
+        }))
+    }
+}
+
+/// An `upstream.allow_internal` entry: a CIDR, an address, a host name or `*.` and a domain.
+pub fn valid_allow_entry(s: &str) -> bool {
+    if Cidr::parse(s).is_some() {
+        return true;
+    }
+    let name = s.strip_prefix("*.").unwrap_or(s);
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn internal_addresses_are_the_documented_ones() {
+        for a in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "10.0.0.1",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "fc00::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
+            assert!(is_internal(ip(a)), "{a}");
+        }
+        for a in [
+            "8.8.8.8",
+            "142.250.1.1",
+            "172.32.0.1",
+            "11.0.0.1",
+            "2607:f8b0::1",
+            "::ffff:8.8.8.8",
+        ] {
+            assert!(!is_internal(ip(a)), "{a}");
+        }
+    }
+
+    #[test]
+    fn cidrs_and_names_open_holes() {
+        let cfg = UpstreamConfig {
+            allow_internal: vec![
+                "10.1.0.0/16".into(),
+                "::1".into(),
+                "internal.example.com".into(),
+                "*.corp.example.com".into(),
+            ],
+            ..UpstreamConfig::default()
+        };
+        let d = Destinations::from_config(&cfg);
+        assert!(d.allows(ip("10.1.200.3")));
+        assert!(!d.allows(ip("10.2.0.1")));
+        assert!(d.allows(ip("::1")));
+        assert!(!d.allows(ip("127.0.0.1")));
+        assert!(d.allows(ip("8.8.8.8")));
+        assert!(d.allows_host("internal.example.com"));
+        assert!(d.allows_host("a.corp.example.com"));
+        assert!(!d.allows_host("corp.example.com.evil.com"));
+        assert!(!d.allows_host("evilinternal.example.com"));
+        assert_eq!(Cidr::parse("10.0.0.0/33"), None);
+        assert!(Cidr::parse("fd00::/8").unwrap().contains(ip("fdff::1")));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("127.0.0.1")));
+        for ok in ["10.0.0.0/8", "::1/128", "a.b", "*.corp.example.com", "host"] {
+            assert!(valid_allow_entry(ok), "{ok}");
+        }
+        for bad in ["", "10.0.0.0/40", "a b", "*", "a..b", "http://x"] {
+            assert!(!valid_allow_entry(bad), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn dial_refuses_internal_addresses_unless_allowed_or_resolved() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let d = Destinations::from_config(&UpstreamConfig::default());
+        for host in ["127.0.0.1", "localhost", "[::ffff:127.0.0.1]"] {
+            let e = d.dial(host, port).await.unwrap_err();
+            assert!(matches!(e, DialError::Internal { .. }), "{host}: {e}");
+        }
+        // A resolve entry is the operator's choice.
+        let mut cfg = UpstreamConfig::default();
+        cfg.resolve.insert(
+            format!("mapped.example.com:{port}"),
+            l.local_addr().unwrap(),
+        );
+        let d = Destinations::from_config(&cfg);
+        d.dial("mapped.example.com", port).await.unwrap();
+        assert!(d.dial("127.0.0.1", port).await.is_err());
+        // As is allow_internal, by CIDR or by name.
+        for entry in ["127.0.0.0/8", "localhost"] {
+            let cfg = UpstreamConfig {
+                allow_internal: vec![entry.into()],
+                ..UpstreamConfig::default()
+            };
+            let d = Destinations::from_config(&cfg);
+            d.dial("localhost", port).await.unwrap();
+        }
+    }
+}

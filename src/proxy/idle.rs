@@ -1,0 +1,505 @@
+//! Idle clients: what counts as idle, when an idle connection is closed, and closing idle
+//! connections first when `limits.max_connections` is reached.
+//!
+//! - **Before the TLS handshake** of an intercepted CONNECT, and before the first byte of a
+//!   blind tunnel: `limits.handshake_timeout`.
+//! - **An HTTP connection** (the listener's, or an intercepted TLS session, HTTP/1.1 or h2)
+//!   with no request waiting for its response head: closed gracefully once it has been so
+//!   for `limits.idle_timeout` (between one and two periods; a response body still streaming
+//!   runs to its end). HTTP/1.1 keep-alive connections also meet `header_read_timeout`.
+//! - **A blind tunnel** that moves no byte either way for `limits.tunnel_idle_timeout`.
+//! - **At the cap**, the accept loop asks every connection to close if it is idle by these
+//!   rules (an HTTP connection with no request in flight, a CONNECT before its TLS hello, a
+//!   tunnel the client has sent nothing on) before it waits for a free place.
+//!
+//! - **A response body** from which nothing arrives for `upstream.body_idle_timeout` (between
+//!   one and two of it) is ended with an error ([`BodyIdle`]): the client sees a reset
+//!   stream or a truncated response, not a silent hang.
+//!
+//! A request costs two atomic additions here; the clock is read by the watchdog, never per
+//! request.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::error::BodyError;
+
+/// One HTTP connection's requests: how many are waiting for their response head, and how
+/// many have started.
+#[derive(Default)]
+pub(crate) struct Activity {
+    in_flight: AtomicU64,
+    started: AtomicU64,
+}
+
+impl Activity {
+    /// A request starts; it counts until the guard drops (its response head is ready, or it
+    /// was cancelled).
+    pub fn begin(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.started.fetch_add(1, Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    fn is_idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) struct Busy(Arc<Activity>);
+
+/// `fut`, counted as a request in flight until it completes or is dropped.
+pub(crate) async fn counted<F: Future>(busy: Busy, fut: F) -> F::Output {
+    let _busy = busy;
+    fut.await
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a connection is being closed early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Close {
+    Shutdown,
+    Idle,
+    AtCap,
+}
+
+/// Drive an HTTP connection to its end. On shutdown, after `idle` with no request, or at the
+/// connection cap while no request is in flight, ask it to finish gracefully (each hyper
+/// connection type has its own `graceful_shutdown`) and keep driving it.
+pub(crate) async fn serve<C, E>(
+    conn: C,
+    mut stop: watch::Receiver<bool>,
+    mut reclaim: watch::Receiver<u64>,
+    activity: &Activity,
+    idle: Duration,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> Result<(), E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    tokio::pin!(conn);
+    let mut seen = activity.started();
+    let mut tick = Instant::now() + idle;
+    let why = loop {
+        tokio::select! {
+            r = conn.as_mut() => return r,
+            _ = stop.wait_for(|s| *s) => break Close::Shutdown,
+            _ = tokio::time::sleep_until(tick) => {
+                let now_seen = activity.started();
+                if activity.is_idle() && now_seen == seen {
+                    break Close::Idle;
+                }
+                seen = now_seen;
+                tick = Instant::now() + idle;
+            }
+            Ok(()) = reclaim.changed() => {
+                if activity.is_idle() {
+                    break Close::AtCap;
+                }
+            }
+        }
+    };
+    if why != Close::Shutdown {
+        tracing::debug!(why = ?why, "closing an idle client connection");
+    }
+    graceful(conn.as_mut());
+    conn.await
+}
+
+/// `fut`, unless `limit` passes or the proxy reaches its connection cap first (the client
+/// has not finished its handshake, so it is idle by definition).
+pub(crate) async fn before_handshake<F: Future>(
+    fut: F,
+    limit: Duration,
+    mut reclaim: watch::Receiver<u64>,
+) -> Result<F::Output, Close> {
+    tokio::pin!(fut);
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    // Whether the cap can still be signalled (the sender lives as long as the proxy).
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            r = fut.as_mut() => return Ok(r),
+            _ = deadline.as_mut() => return Err(Close::Idle),
+            r = reclaim.changed(), if watching => match r {
+                Ok(()) => return Err(Close::AtCap),
+                Err(_) => watching = false,
+            },
+        }
+    }
+}
+
+/// How a blind tunnel ended.
+pub(crate) enum TunnelEnd {
+    /// Either side closed (or failed).
+    Done(io::Result<(u64, u64)>),
+    /// Closed by the proxy, with the reason for the access line.
+    Closed(&'static str),
+}
+
+/// Copy bytes both ways between `client` and `origin` until either closes, the client sends
+/// nothing within `first_byte`, nothing moves for `idle`, or the proxy reaches its cap before
+/// the client sent anything. Returns how it ended and the bytes each way (client to origin,
+/// origin to client).
+pub(crate) async fn tunnel<A, B>(
+    client: &mut A,
+    origin: &mut B,
+    first_byte: Duration,
+    idle: Duration,
+    mut reclaim: watch::Receiver<u64>,
+) -> (TunnelEnd, u64, u64)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let end = {
+        let mut c = Counted { io: client, n: &up };
+        let mut o = Counted {
+            io: origin,
+            n: &down,
+        };
+        let copy = tokio::io::copy_bidirectional(&mut c, &mut o);
+        tokio::pin!(copy);
+        let start = Instant::now();
+        let first_deadline = start + first_byte;
+        let mut tick = start + first_byte.min(idle);
+        let mut last = 0;
+        loop {
+            tokio::select! {
+                r = copy.as_mut() => break TunnelEnd::Done(r),
+                _ = tokio::time::sleep_until(tick) => {
+                    let now = Instant::now();
+                    let from_client = up.load(Ordering::Relaxed);
+                    let moved = from_client + down.load(Ordering::Relaxed);
+                    if from_client == 0 {
+                        if now >= first_deadline {
+                            break TunnelEnd::Closed("no byte from the client within limits.handshake_timeout");
+                        }
+                        tick = first_deadline.min(now + idle);
+                    } else if moved == last {
+                        break TunnelEnd::Closed("idle for limits.tunnel_idle_timeout");
+                    } else {
+                        tick = now + idle;
+                    }
+                    last = moved;
+                }
+                Ok(()) = reclaim.changed() => {
+                    if up.load(Ordering::Relaxed) == 0 {
+                        break TunnelEnd::Closed("closed at limits.max_connections: no byte from the client yet");
+                    }
+                }
+            }
+        }
+    };
+    (end, up.into_inner(), down.into_inner())
+}
+
+/// Counts the bytes read through it.
+struct Counted<'a, T> {
+    io: &'a mut T,
+    n: &'a AtomicU64,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<'_, T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.io).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if read > 0 {
+            self.n.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<'_, T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.io).poll_shutdown(cx)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that fails once its origin has sent nothing for a while. The timer is
+    /// armed when the body first waits and re-armed, at most once a period, only if frames
+    /// arrived meanwhile, so a streaming body costs a flag per frame.
+    pub(crate) struct BodyIdle<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        timer: tokio::time::Sleep,
+        armed: bool,
+        progressed: bool,
+        limit: Duration,
+    }
+}
+
+impl<B> BodyIdle<B> {
+    pub fn new(inner: B, limit: Duration) -> BodyIdle<B> {
+        BodyIdle {
+            inner,
+            timer: tokio::time::sleep(limit),
+            armed: false,
+            progressed: false,
+            limit,
+        }
+    }
+}
+
+impl<B> Body for BodyIdle<B>
+where
+    B: Body,
+    B::Error: Into<BodyError>,
+{
+    type Data = B::Data;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, Self::Error>>> {
+        let mut this = self.project();
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            *this.progressed = true;
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        loop {
+            if !*this.armed {
+                this.timer.as_mut().reset(Instant::now() + *this.limit);
+                *this.armed = true;
+                *this.progressed = false;
+            }
+            match this.timer.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) if *this.progressed => *this.armed = false,
+                Poll::Ready(()) => {
+                    let e = BodyError::Idle(crate::config::show(*this.limit));
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A connection that runs until asked to finish gracefully.
+    struct Conn {
+        graceful: bool,
+    }
+
+    impl Future for Conn {
+        type Output = Result<(), ()>;
+        fn poll(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+            if self.graceful {
+                Poll::Ready(Ok(()))
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    fn channels() -> (
+        watch::Sender<bool>,
+        watch::Receiver<bool>,
+        watch::Sender<u64>,
+        watch::Receiver<u64>,
+    ) {
+        let (stop_tx, stop) = watch::channel(false);
+        let (reclaim_tx, reclaim) = watch::channel(0);
+        (stop_tx, stop, reclaim_tx, reclaim)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_closes_after_one_to_two_periods_and_a_busy_one_does_not() {
+        let (_s, stop, _r, reclaim) = channels();
+        let activity = Arc::new(Activity::default());
+        let idle = Duration::from_secs(120);
+        let t0 = Instant::now();
+        let served = serve(
+            Conn { graceful: false },
+            stop.clone(),
+            reclaim.clone(),
+            &activity,
+            idle,
+            |c| c.get_mut().graceful = true,
+        );
+        served.await.unwrap();
+        let took = t0.elapsed();
+        assert!(took >= idle && took <= 2 * idle, "{took:?}");
+
+        // A request in flight keeps it open past any number of periods.
+        let busy = activity.begin();
+        let served = serve(
+            Conn { graceful: false },
+            stop,
+            reclaim,
+            &activity,
+            idle,
+            |c| c.get_mut().graceful = true,
+        );
+        tokio::pin!(served);
+        assert!(
+            tokio::time::timeout(10 * idle, served.as_mut())
+                .await
+                .is_err(),
+            "still open"
+        );
+        drop(busy);
+        let t1 = Instant::now();
+        served.await.unwrap();
+        assert!(t1.elapsed() <= 2 * idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_the_cap_idle_connections_close_at_once_and_busy_ones_stay() {
+        let (_s, stop, reclaim_tx, reclaim) = channels();
+        let idle_one = Arc::new(Activity::default());
+        let busy_one = Arc::new(Activity::default());
+        let _busy = busy_one.begin();
+        let long = Duration::from_secs(3600);
+        let a = serve(
+            Conn { graceful: false },
+            stop.clone(),
+            reclaim.clone(),
+            &idle_one,
+            long,
+            |c| c.get_mut().graceful = true,
+        );
+        let b = serve(
+            Conn { graceful: false },
+            stop,
+            reclaim,
+            &busy_one,
+            long,
+            |c| c.get_mut().graceful = true,
+        );
+        tokio::pin!(a, b);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        reclaim_tx.send_modify(|g| *g += 1);
+        let t0 = Instant::now();
+        a.as_mut().await.unwrap();
+        assert_eq!(t0.elapsed(), Duration::ZERO, "closed at once");
+        assert!(tokio::time::timeout(Duration::from_secs(60), b.as_mut())
+            .await
+            .is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handshake_deadline_and_cap() {
+        let (_s, _stop, reclaim_tx, reclaim) = channels();
+        let never = std::future::pending::<()>();
+        let t0 = Instant::now();
+        let r = before_handshake(never, Duration::from_secs(10), reclaim.clone()).await;
+        assert_eq!(r, Err(Close::Idle));
+        assert_eq!(t0.elapsed(), Duration::from_secs(10));
+        let waiting = before_handshake(
+            std::future::pending::<()>(),
+            Duration::from_secs(10),
+            reclaim,
+        );
+        tokio::pin!(waiting);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        reclaim_tx.send_modify(|g| *g += 1);
+        assert_eq!(waiting.await, Err(Close::AtCap));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_body_fails_and_a_slow_one_does_not() {
+        use http_body_util::{BodyExt, StreamBody};
+        let limit = Duration::from_secs(60);
+        // A frame every 50 s (under the limit), three times, then silence.
+        let stream = futures_util::stream::unfold(0u32, |n| async move {
+            if n == 3 {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            Some((
+                Ok::<_, hyper::Error>(Frame::data(bytes::Bytes::from_static(b"x"))),
+                n + 1,
+            ))
+        });
+        let mut body = std::pin::pin!(BodyIdle::new(StreamBody::new(stream), limit));
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            body.frame().await.unwrap().unwrap();
+        }
+        let e = body.frame().await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("body_idle_timeout"), "{e}");
+        let silent = t0.elapsed() - Duration::from_secs(150);
+        assert!(silent >= limit && silent <= 2 * limit, "{silent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tunnel_needs_a_first_byte_then_closes_when_idle() {
+        let first = Duration::from_secs(10);
+        let idle = Duration::from_secs(600);
+        let (_r, reclaim) = watch::channel(0u64);
+        // Nothing from the client: closed at the first-byte deadline.
+        let (mut client, _client_peer) = tokio::io::duplex(64);
+        let (mut origin, _origin_peer) = tokio::io::duplex(64);
+        let t0 = Instant::now();
+        let (end, up, down) = tunnel(&mut client, &mut origin, first, idle, reclaim.clone()).await;
+        assert!(matches!(end, TunnelEnd::Closed(r) if r.contains("handshake_timeout")));
+        assert_eq!((up, down, t0.elapsed()), (0, 0, first));
+
+        // A byte, then silence: closed one to two idle periods later.
+        let (mut client, mut client_peer) = tokio::io::duplex(64);
+        let (mut origin, _origin_peer) = tokio::io::duplex(64);
+        client_peer.write_all(b"x").await.unwrap();
+        let t0 = Instant::now();
+        let (end, up, _) = tunnel(&mut client, &mut origin, first, idle, reclaim).await;
+        assert!(matches!(end, TunnelEnd::Closed(r) if r.contains("tunnel_idle_timeout")));
+        assert_eq!(up, 1);
+        let took = t0.elapsed();
+        assert!(took >= first + idle && took <= first + 2 * idle, "{took:?}");
+    }
+}
