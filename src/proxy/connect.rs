@@ -23,6 +23,7 @@ use super::forward::{self, Target};
 use super::token_endpoint;
 use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
+use crate::clients::ClientRef;
 use crate::config::OtherHosts;
 
 /// Serve one client connection in its own task, on the worker that accepted it; `upstream` is
@@ -51,15 +52,21 @@ pub(crate) fn spawn_client(
                 .keep_alive(true);
             let svc_state = state.clone();
             let svc_stop = stop.clone();
-            let svc = service_fn(move |req| {
-                handle(
-                    req,
-                    peer,
+            let svc = service_fn(move |mut req| {
+                let (state, upstream, stop, permit) = (
                     svc_state.clone(),
                     upstream.clone(),
                     svc_stop.clone(),
                     permit.clone(),
-                )
+                );
+                async move {
+                    // Gateway mode: who is asking, before anything else (crate::clients).
+                    let client = match crate::clients::admit(&mut req, peer, &state).await {
+                        Ok(c) => c,
+                        Err(resp) => return Ok(resp),
+                    };
+                    handle(req, peer, client, state, upstream, stop, permit).await
+                }
             });
             let conn = http
                 .serve_connection(TokioIo::new(stream), svc)
@@ -82,6 +89,7 @@ pub(crate) fn spawn_client(
 async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
+    client: ClientRef,
     state: Arc<ProxyState>,
     upstream: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
@@ -91,7 +99,7 @@ async fn handle(
     let asked = req.uri().authority().cloned();
     if req.method() == Method::CONNECT {
         return Ok(
-            match connect(req, peer, &state, upstream, stop, permit).await {
+            match connect(req, peer, client, &state, upstream, stop, permit).await {
                 Ok(resp) => resp,
                 Err(e) => refuse(&state, peer, asked.as_ref(), &e),
             },
@@ -100,7 +108,7 @@ async fn handle(
     // Absolute-form `http://host/path`: forwarded, routes applied.
     let uri = req.uri();
     if uri.scheme() == Some(&http::uri::Scheme::HTTP) && uri.authority().is_some() {
-        let target = match plain_target(&req, &state) {
+        let target = match plain_target(&req, client, &state) {
             Ok(t) => t,
             Err(e) => return Ok(refuse(&state, peer, asked.as_ref(), &e)),
         };
@@ -171,14 +179,21 @@ fn authority_of(
     Ok((host, port))
 }
 
-fn plain_target(req: &Request<Incoming>, state: &ProxyState) -> Result<Target, ProxyError> {
+fn plain_target(
+    req: &Request<Incoming>,
+    client: ClientRef,
+    state: &ProxyState,
+) -> Result<Target, ProxyError> {
     let (host, port) = authority_of(req.uri(), Some(80), state)?;
-    if !state.routes.routes_host(&host) && state.config.other_hosts == OtherHosts::Deny {
+    if !state.live.load().routes.routes_host(&host) && state.config.other_hosts == OtherHosts::Deny
+    {
         return Err(ProxyError::Refused(format!(
             "{host} is not named by any route (other_hosts: deny)"
         )));
     }
-    Target::new(host, port, false)
+    let mut target = Target::new(host, port, false)?;
+    target.client = client;
+    Ok(target)
 }
 
 /// CONNECT as named steps: check the target, decide, answer, then (after the upgrade) either
@@ -186,13 +201,14 @@ fn plain_target(req: &Request<Incoming>, state: &ProxyState) -> Result<Target, P
 async fn connect(
     req: Request<Incoming>,
     peer: SocketAddr,
+    client: ClientRef,
     state: &Arc<ProxyState>,
     upstream_client: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
     permit: Arc<OwnedSemaphorePermit>,
 ) -> Result<Response<Body>, ProxyError> {
     let (host, port) = authority_of(req.uri(), None, state)?;
-    let intercept = state.routes.routes_host(&host)
+    let intercept = state.live.load().routes.routes_host(&host)
         || (state.config.facade.token_endpoint && token_endpoint::is_host(&host));
     if !intercept && state.config.other_hosts == OtherHosts::Deny {
         return Err(ProxyError::Refused(format!(
@@ -216,12 +232,13 @@ async fn connect(
             }
         };
         match upstream {
-            Some(tcp) => tunnel(upgraded, tcp, peer, &host, port, &state).await,
+            Some(tcp) => tunnel(upgraded, tcp, peer, client.name(), &host, port, &state).await,
             None => {
                 let conn = Intercepted {
                     host,
                     port,
                     peer,
+                    client,
                     state,
                     upstream: upstream_client,
                 };
@@ -267,6 +284,7 @@ async fn tunnel(
     upgraded: hyper::upgrade::Upgraded,
     mut tcp: TcpStream,
     peer: SocketAddr,
+    client_name: &str,
     host: &str,
     port: u16,
     state: &ProxyState,
@@ -279,12 +297,12 @@ async fn tunnel(
     match copied {
         Ok((up, down)) => tracing::info!(
             target: "impersonate_proxy::access",
-            client = %peer, host, port, up, down, secs, "tunnel closed"
+            client = %peer, client_name, host, port, up, down, secs, "tunnel closed"
         ),
         // A reset by either end is how many tunnels end; not the proxy's failure.
         Err(e) => tracing::info!(
             target: "impersonate_proxy::access",
-            client = %peer, host, port, secs, reason = %e, "tunnel ended with an error"
+            client = %peer, client_name, host, port, secs, reason = %e, "tunnel ended with an error"
         ),
     }
 }
@@ -294,6 +312,8 @@ struct Intercepted {
     host: String,
     port: u16,
     peer: SocketAddr,
+    /// Admitted on the CONNECT; the session's requests inherit it.
+    client: ClientRef,
     state: Arc<ProxyState>,
     upstream: Arc<UpstreamClient>,
 }
@@ -308,6 +328,7 @@ async fn intercept_tls(
         host,
         port,
         peer,
+        client,
         state,
         upstream,
     } = conn;
@@ -355,7 +376,10 @@ async fn intercept_tls(
         }
     };
     let target = match Target::new(host, port, true) {
-        Ok(t) => Arc::new(t),
+        Ok(mut t) => {
+            t.client = client;
+            Arc::new(t)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot serve the intercepted connection");
             return;
