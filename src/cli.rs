@@ -70,6 +70,7 @@ pub fn check(
             }
             println!("{}", timing_rules(&config));
             println!("\nroutes (first match wins):\n{}", table.describe());
+            print_clients(&config);
             println!(
                 "other hosts: {:?}; unmatched paths on routed hosts: {:?}",
                 config.other_hosts, config.unmatched
@@ -78,6 +79,33 @@ pub fn check(
         Some(url) => println!("{}", dry_run_as(&config, &table, url, method, client)?),
     }
     Ok(())
+}
+
+/// `check`'s lines about clients: how each is named and which routes it may use.
+fn print_clients(config: &Config) {
+    if config.clients.is_empty() {
+        println!(
+            "clients: none configured; everyone who can reach {} is served",
+            config.listen
+        );
+        return;
+    }
+    println!("clients (Proxy-Authorization: Basic and/or source address):");
+    for (name, c) in &config.clients {
+        let how = match (&c.password_hash, c.cidrs.is_empty()) {
+            (Some(_), true) => "password".to_string(),
+            (Some(_), false) => format!("password, from {}", c.cidrs.join(", ")),
+            (None, _) => format!("from {}", c.cidrs.join(", ")),
+        };
+        let routes: Vec<String> = (0..config.routes.len())
+            .filter(|&i| {
+                let r = &config.routes[i];
+                r.clients.is_empty() || r.clients.contains(name)
+            })
+            .map(|i| config.route_name(i))
+            .collect();
+        println!("  {name} ({how}): {}", routes.join(", "));
+    }
 }
 
 /// When a token of this lifetime is renewed and how long it is served, and whether the margin

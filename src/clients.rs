@@ -511,6 +511,73 @@ mod tests {
     }
 
     #[test]
+    fn client_rules_name_the_key_and_never_echo_a_value() {
+        for (yaml, key) in [
+            ("clients:\n  a: {}\n", "clients.a"),
+            (
+                "clients:\n  a: { cidrs: [SECRET-10.0.0.0/99] }\n",
+                "clients.a.cidrs[0]",
+            ),
+            (
+                "clients:\n  a: { password_hash: SECRET-plain }\n",
+                "clients.a.password_hash",
+            ),
+            (
+                "clients:\n  a: { cidrs: [10.0.0.0/8] }\nroutes:\n  - { host: a.googleapis.com, passthrough: true, clients: [b] }\n",
+                "routes[0].clients[0]",
+            ),
+            (
+                "routes:\n  - { host: a.googleapis.com, passthrough: true, clients: [a] }\n",
+                "routes[0].clients[0]",
+            ),
+        ] {
+            let err = Config::from_yaml(yaml, "c.yaml").unwrap_err().to_string();
+            assert!(err.contains(key) && !err.contains("SECRET"), "{yaml}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn identify_by_password_address_or_both() {
+        let h = hash("pw").unwrap();
+        let y = format!(
+            "clients:\n  a: {{ password_hash: '{h}' }}\n  b: {{ cidrs: [10.0.0.0/8] }}\n  c: {{ password_hash: '{h}', cidrs: [192.168.0.0/16] }}\n"
+        );
+        let config = Config::from_yaml(&y, "c.yaml").unwrap();
+        let t = ClientTable::compile(&config, 0);
+        let basic = |user: &str, pw: &str| {
+            let b = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pw}"));
+            HeaderValue::from_str(&format!("Basic {b}")).unwrap()
+        };
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let ten: IpAddr = "10.1.2.3".parse().unwrap();
+        let lan: IpAddr = "192.168.1.1".parse().unwrap();
+        let name = |r: Result<ClientRef, AuthError>| r.map(|c| c.name().to_string());
+        let a = basic("a", "pw");
+        assert_eq!(name(t.identify(1, lo, Some(&a)).await), Ok("a".into()));
+        // Again: from the digest cache.
+        assert_eq!(name(t.identify(1, lo, Some(&a)).await), Ok("a".into()));
+        let wrong = basic("a", "no");
+        assert_eq!(
+            name(t.identify(1, lo, Some(&wrong)).await),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(name(t.identify(1, ten, None).await), Ok("b".into()));
+        assert_eq!(name(t.identify(1, lo, None).await), Err(AuthError::Missing));
+        let c = basic("c", "pw");
+        assert_eq!(name(t.identify(1, lan, Some(&c)).await), Ok("c".into()));
+        // c's password from outside c's network, even once cached.
+        assert_eq!(
+            name(t.identify(1, lo, Some(&c)).await),
+            Err(AuthError::Invalid)
+        );
+        let bearer = HeaderValue::from_static("Bearer x");
+        assert_eq!(
+            name(t.identify(1, lo, Some(&bearer)).await),
+            Err(AuthError::Malformed)
+        );
+    }
+
+    #[test]
     fn basic_credentials_parse() {
         let v = HeaderValue::from_static("Basic YTpiOmM="); // a:b:c
         assert_eq!(basic(&v), Some(("a".into(), "b:c".into())));
