@@ -376,7 +376,6 @@ pub async fn run(config_path: &Path, workers: Option<usize>) -> Result<(), CliEr
     }
     let mut server = crate::server::Server::start(config).await?;
     server.enable_reload(config_path.to_path_buf(), workers);
-    tracing::info!(listen = %server.proxy_addr(), "impersonate-proxy serving");
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -394,6 +393,8 @@ pub async fn run(config_path: &Path, workers: Option<usize>) -> Result<(), CliEr
             }
         }
     }
+    // Only once the SIGHUP handler is in place: from here on SIGHUP reloads, never terminates.
+    tracing::info!(listen = %server.proxy_addr(), "impersonate-proxy serving");
     wait_for_ctrl_c().await;
     tracing::info!("shutting down: draining connections");
     server.shutdown().await;

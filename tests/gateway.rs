@@ -637,3 +637,63 @@ async fn reload_throughput() {
     );
     sb.shutdown().await;
 }
+
+/// `run` reloads on SIGHUP: the real binary, signalled by its process id.
+#[cfg(unix)]
+#[tokio::test]
+async fn the_binary_reloads_on_sighup() {
+    use tokio::io::AsyncBufReadExt;
+    let sb = sandbox().await;
+    let dir = sb.dir.join("sighup");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.yaml");
+    let head = format!(
+        "listen: 127.0.0.1:0\nadmin: null\nca: {{ cert: \"{}\", key: \"{}\" }}\nsource: {{ file: \"{}\" }}\niam: {{ endpoint: \"{}\" }}\ntokens: {{ warm: false }}\nreload: {{ watch: false }}\n",
+        sb.config.ca.cert.display(),
+        sb.config.ca.key.display(),
+        sb.dir.join("adc.json").display(),
+        sb.config.iam.endpoint,
+    );
+    std::fs::write(&file, format!("{head}{}{ROUTES_V1}", identities(false))).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_impersonate-proxy"))
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&file)
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap() as libc::pid_t;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut until = async |needle: &str| {
+        let found = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        found.ok().flatten()
+    };
+    assert!(until("impersonate-proxy serving").await.is_some());
+    std::fs::write(&file, format!("{head}{}{ROUTES_V2}", identities(true))).unwrap();
+    // SAFETY: signalling the child this test started, by its id.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let line = until("config reloaded")
+        .await
+        .expect("a reload after SIGHUP");
+    assert!(
+        line.contains("\"trigger\":\"SIGHUP\"") && line.contains("\"generation\":2"),
+        "{line}"
+    );
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::time::timeout(Duration::from_secs(40), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+    sb.shutdown().await;
+}
