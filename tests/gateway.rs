@@ -478,6 +478,27 @@ async fn a_bad_reload_keeps_the_running_config() {
     std::fs::write(&file, "routes: [unclosed\n").unwrap();
     let (status, _) = post_reload(&sb).await;
     assert_eq!(status, 409);
+    // A new identity IAM will not mint for: refused before the switch, and its slot dropped.
+    let slots = |sb: &Sandbox| {
+        sb.server
+            .state()
+            .engine
+            .metrics_text()
+            .lines()
+            .find(|l| l.starts_with("impersonate_proxy_token_slots "))
+            .map(str::to_string)
+    };
+    let slots_before = slots(&sb);
+    let unmintable = format!(
+        "{}  locked-ro: {{ service_account: locked@demo-project.iam.gserviceaccount.com, scopes: [https://www.googleapis.com/auth/devstorage.read_only] }}\nroutes:\n  - {{ host: pubsub.googleapis.com, identity: locked-ro }}\n",
+        identities(false)
+    );
+    std::fs::write(&file, config_file(&sb.config, &unmintable)).unwrap();
+    let (status, body) = post_reload(&sb).await;
+    assert_eq!(status, 409, "{body}");
+    let e = body["error"].as_str().unwrap();
+    assert!(e.contains("could not be warmed"), "{e}");
+    assert_eq!(slots(&sb), slots_before);
 
     let live = sb.server.state().live.load();
     assert_eq!(live.generation, 1);
@@ -496,7 +517,7 @@ async fn a_bad_reload_keeps_the_running_config() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("impersonate_proxy_reloads_total{result=\"failed\"} 3"),
+        metrics.contains("impersonate_proxy_reloads_total{result=\"failed\"} 4"),
         "{metrics}"
     );
     sb.shutdown().await;
