@@ -1,5 +1,6 @@
 //! `/healthz` (the process serves), `/readyz` (every configured identity has a usable token,
-//! so a load balancer only sends traffic to a warm replica) and `/metrics` (Prometheus text).
+//! so a load balancer only sends traffic to a warm replica), `/metrics` (Prometheus text) and
+//! `POST /reload` (reload the config file; see [`crate::reload`]).
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -37,13 +38,54 @@ pub async fn serve(
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, std::convert::Infallible>(answer(&req, &state)) }
+                async move {
+                    if req.uri().path() == "/reload" {
+                        let post = req.method() == http::Method::POST;
+                        return Ok::<_, std::convert::Infallible>(reload(post, &state).await);
+                    }
+                    Ok(answer(&req, &state))
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
     }
+}
+
+/// `POST /reload`: 200 with what changed, or 409 with why the running config stays.
+async fn reload(post: bool, state: &ProxyState) -> Response<Full<Bytes>> {
+    let (status, body) = if !post {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            serde_json::json!({ "error": "POST /reload" }),
+        )
+    } else {
+        match crate::reload::reload(state, "POST /reload").await {
+            Ok(r) => (
+                StatusCode::OK,
+                serde_json::json!({
+                    "reloaded": true,
+                    "generation": r.generation,
+                    "routes": r.routes,
+                    "clients": r.clients,
+                    "warmed": r.warmed,
+                    "retired": r.retired,
+                }),
+            ),
+            Err(e) => (
+                StatusCode::CONFLICT,
+                serde_json::json!({ "reloaded": false, "error": e.to_string() }),
+            ),
+        }
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn answer(req: &Request<Incoming>, state: &ProxyState) -> Response<Full<Bytes>> {
@@ -83,7 +125,19 @@ fn metrics_text(state: &ProxyState) -> String {
     let m = &state.metrics;
     let mut s = String::new();
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let series: [(&str, &str, &str, u64); 8] = [
+    let series: [(&str, &str, &str, u64); 10] = [
+        (
+            "auth_failures_total",
+            "counter",
+            "Requests answered 407: no or wrong proxy credentials.",
+            load(&m.auth_failures_total),
+        ),
+        (
+            "config_generation",
+            "gauge",
+            "The config generation in force (1 at start, one more per reload).",
+            state.live.load().generation,
+        ),
         (
             "connections_total",
             "counter",
@@ -150,6 +204,12 @@ fn metrics_text(state: &ProxyState) -> String {
             n.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(
+        s,
+        "# HELP impersonate_proxy_reloads_total Config reloads, by result.\n# TYPE impersonate_proxy_reloads_total counter\nimpersonate_proxy_reloads_total{{result=\"ok\"}} {}\nimpersonate_proxy_reloads_total{{result=\"failed\"}} {}",
+        load(&state.reload.ok_total),
+        load(&state.reload.failed_total),
+    );
     s.push_str(&state.engine.metrics_text());
     s
 }

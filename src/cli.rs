@@ -37,7 +37,12 @@ impl CliError {
 }
 
 /// `check`: validate, print identities and the route table; with a URL, the dry run.
-pub fn check(config_path: &Path, url: Option<&str>, method: &str) -> Result<(), CliError> {
+pub fn check(
+    config_path: &Path,
+    url: Option<&str>,
+    method: &str,
+    client: Option<&str>,
+) -> Result<(), CliError> {
     let config = Config::load(config_path)?;
     let table = RouteTable::compile(&config)?;
     match url {
@@ -65,14 +70,42 @@ pub fn check(config_path: &Path, url: Option<&str>, method: &str) -> Result<(), 
             }
             println!("{}", timing_rules(&config));
             println!("\nroutes (first match wins):\n{}", table.describe());
+            print_clients(&config);
             println!(
                 "other hosts: {:?}; unmatched paths on routed hosts: {:?}",
                 config.other_hosts, config.unmatched
             );
         }
-        Some(url) => println!("{}", dry_run(&config, &table, url, method)?),
+        Some(url) => println!("{}", dry_run_as(&config, &table, url, method, client)?),
     }
     Ok(())
+}
+
+/// `check`'s lines about clients: how each is named and which routes it may use.
+fn print_clients(config: &Config) {
+    if config.clients.is_empty() {
+        println!(
+            "clients: none configured; everyone who can reach {} is served",
+            config.listen
+        );
+        return;
+    }
+    println!("clients (Proxy-Authorization: Basic and/or source address):");
+    for (name, c) in &config.clients {
+        let how = match (&c.password_hash, c.cidrs.is_empty()) {
+            (Some(_), true) => "password".to_string(),
+            (Some(_), false) => format!("password, from {}", c.cidrs.join(", ")),
+            (None, _) => format!("from {}", c.cidrs.join(", ")),
+        };
+        let routes: Vec<String> = (0..config.routes.len())
+            .filter(|&i| {
+                let r = &config.routes[i];
+                r.clients.is_empty() || r.clients.contains(name)
+            })
+            .map(|i| config.route_name(i))
+            .collect();
+        println!("  {name} ({how}): {}", routes.join(", "));
+    }
 }
 
 /// When a token of this lifetime is renewed and how long it is served, and whether the margin
@@ -109,13 +142,59 @@ fn timing_rules(config: &Config) -> String {
     )
 }
 
-/// Which route and identity a request would get, in one line.
+/// [`dry_run`] for a named client (gateway mode): only the routes it may use match, and a
+/// matching route it may not use is the 403 it would get.
+pub fn dry_run_as(
+    config: &Config,
+    table: &RouteTable,
+    url: &str,
+    method: &str,
+    client: Option<&str>,
+) -> Result<String, CliError> {
+    let Some(name) = client else {
+        if !config.clients.is_empty() {
+            return Err(CliError::Other(format!(
+                "clients are configured: say which with --client (one of: {})",
+                config
+                    .clients
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        return dry_run(
+            config,
+            table,
+            url,
+            method,
+            &crate::routes::RouteSet::All,
+            None,
+        );
+    };
+    let clients = crate::clients::ClientTable::compile(config, table.len());
+    let allowed = clients.allowed_for(name).ok_or_else(|| {
+        CliError::Other(format!(
+            "no client `{name}` under `clients` (have: {})",
+            clients.names().collect::<Vec<_>>().join(", ")
+        ))
+    })?;
+    dry_run(config, table, url, method, allowed, Some(name))
+}
+
+/// Which route and identity a request would get, in one line; `allowed` are the routes the
+/// client may use.
 pub fn dry_run(
     config: &Config,
     table: &RouteTable,
     url: &str,
     method: &str,
+    allowed: &crate::routes::RouteSet,
+    client: Option<&str>,
 ) -> Result<String, CliError> {
+    let who = client
+        .map(|c| format!(" (client `{c}`)"))
+        .unwrap_or_default();
     let parsed =
         url::Url::parse(url).map_err(|e| CliError::Other(format!("`{url}` is not a URL: {e}")))?;
     let host = parsed
@@ -137,7 +216,14 @@ pub fn dry_run(
             }
         ));
     }
-    let Some(index) = table.find(&host, parsed.path(), &method) else {
+    let Some(index) = table.find_in(&host, parsed.path(), &method, allowed) else {
+        if let Some(i) = table.find(&host, parsed.path(), &method) {
+            let route = table.get(i).map_or("?", |r| r.name.as_str());
+            return Ok(format!(
+                "{method} {url}{who}: refused (403): client `{}` may not use route `{route}`",
+                client.unwrap_or("-")
+            ));
+        }
         return Ok(format!(
             "{method} {url}: {host} is routed but no rule matches this path/method: {}",
             match config.unmatched {
@@ -170,7 +256,10 @@ pub fn dry_run(
         }
         Action::Passthrough => "forwarded with its own Authorization (passthrough)".into(),
     };
-    Ok(format!("{method} {url}: route `{}` → {what}", route.name))
+    Ok(format!(
+        "{method} {url}{who}: route `{}` → {what}",
+        route.name
+    ))
 }
 
 /// `token`: mint once and print, like `gcloud auth print-access-token`.
@@ -203,6 +292,23 @@ pub async fn token(
         .map_err(|_| CliError::Other("the minted token is not printable".into()))?;
     // Printing the token is this command's whole purpose, on the user's own terminal.
     println!("{}", value.strip_prefix("Bearer ").unwrap_or(value));
+    Ok(())
+}
+
+/// `hash-password`: one line from stdin → an Argon2id hash in PHC form on stdout.
+pub fn hash_password() -> Result<(), CliError> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| CliError::Other(format!("cannot read stdin: {e}")))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err(CliError::Other("an empty password".into()));
+    }
+    println!(
+        "{}",
+        crate::clients::hash(password).map_err(CliError::Other)?
+    );
     Ok(())
 }
 
@@ -268,7 +374,26 @@ pub async fn run(config_path: &Path, workers: Option<usize>) -> Result<(), CliEr
         config.limits.workers = n;
         config.validate("--workers")?;
     }
-    let server = crate::server::Server::start(config).await?;
+    let mut server = crate::server::Server::start(config).await?;
+    server.enable_reload(config_path.to_path_buf(), workers);
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => {
+                let state = server.state().clone();
+                tokio::spawn(async move {
+                    while hup.recv().await.is_some() {
+                        let _ = crate::reload::reload(&state, "SIGHUP").await;
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload with POST /reload")
+            }
+        }
+    }
+    // Only once the SIGHUP handler is in place: from here on SIGHUP reloads, never terminates.
     tracing::info!(listen = %server.proxy_addr(), "impersonate-proxy serving");
     wait_for_ctrl_c().await;
     tracing::info!("shutting down: draining connections");

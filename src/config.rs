@@ -71,6 +71,14 @@ pub struct Config {
     pub tokens: TokensConfig,
     /// What Google's client libraries need to run unchanged through the proxy.
     pub facade: FacadeConfig,
+    /// Gateway mode: the clients who may use the proxy, by `Proxy-Authorization: Basic`
+    /// and/or source address. With none, everyone who can reach `listen` is served.
+    pub clients: BTreeMap<String, crate::clients::ClientConfig>,
+    /// Off loopback with no `clients`, the proxy refuses to start unless this says that it
+    /// serves anyone who can reach it.
+    pub serve_anyone: bool,
+    /// Reloading on a change of the config file.
+    pub reload: crate::reload::ReloadConfig,
 }
 
 impl Default for Config {
@@ -92,11 +100,14 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             tokens: TokensConfig::default(),
             facade: FacadeConfig::default(),
+            clients: BTreeMap::new(),
+            serve_anyone: false,
+            reload: crate::reload::ReloadConfig::default(),
         }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CaConfig {
     pub cert: PathBuf,
@@ -120,7 +131,7 @@ impl Default for CaConfig {
 }
 
 /// Credential A: what the proxy itself authenticates as.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum SourceConfig {
     /// Application Default Credentials: `GOOGLE_APPLICATION_CREDENTIALS`, the gcloud well-known
@@ -136,7 +147,7 @@ pub enum SourceConfig {
     },
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IamConfig {
     /// Base URL of the IAM Credentials API (the emulator, or a private endpoint).
@@ -155,7 +166,7 @@ impl Default for IamConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     pub service_account: String,
@@ -202,6 +213,10 @@ pub struct RouteConfig {
     /// Forward as-is without touching `Authorization` (e.g. public buckets).
     #[serde(default)]
     pub passthrough: bool,
+    /// The clients (under `clients`) who may use this route; empty: every client. Another
+    /// client's request skips it and may match a later route.
+    #[serde(default)]
+    pub clients: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -242,7 +257,7 @@ pub enum PlainHttp {
     Deny,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `host:port` → address, like curl's `--resolve`: TLS still verifies `host`.
@@ -295,7 +310,7 @@ impl Default for UpstreamConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_connections: usize,
@@ -340,7 +355,7 @@ impl Default for LimitsConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TokensConfig {
     /// Renew this long before expiry. Unset, it is derived per lifetime: the safety window
@@ -373,7 +388,7 @@ impl Default for TokensConfig {
 /// Google's client libraries look for a credential before their first request (a key file,
 /// gcloud's file, then the metadata server) and stop if there is none. The facade gives them
 /// one; the proxy then puts the route's real token on the wire.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FacadeConfig {
     /// A GCE metadata-server facade for `GCE_METADATA_HOST`; off unless configured.
@@ -385,7 +400,7 @@ pub struct FacadeConfig {
     pub token_endpoint: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetadataFacadeConfig {
     /// Loopback by default: it hands out tokens to whoever asks.
@@ -529,6 +544,7 @@ impl Config {
         }
         self.check_token_timing()
             .map_err(|(key, message)| invalid(key, message))?;
+        crate::clients::validate(self).map_err(|(key, message)| invalid(key, message))?;
         if self.allowed_ports.is_empty() {
             return Err(invalid(
                 "allowed_ports".into(),
@@ -768,6 +784,7 @@ impl Config {
                 secs(S),
                 MAX_LIFETIME,
             ),
+            ("reload.interval", self.reload.interval, ms(100), secs(H)),
         ];
         for (key, value, min, max) in durations {
             if value < min || value > max {

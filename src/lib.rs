@@ -12,7 +12,10 @@
 //! - [`server`]: start-up assembly: config → CA → tokens → sockets; used by `run`, demo, tests.
 //! - [`cli`]: the bodies of the CLI commands, with their exit codes.
 //! - [`demo`]: the offline demo.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `POST /reload`.
+//! - [`clients`]: gateway mode: proxy authentication, and which routes each client may use.
+//! - [`reload`]: reloading the config (SIGHUP, `/reload`, the file watch) without dropping a
+//!   connection.
 //! - [`emulator`]: an offline IAM Credentials + OAuth2 + metadata server with Google's semantics.
 //! - [`facade`]: what Google's client libraries need to run unchanged: placeholder credentials.
 //! - [`onboard`]: `env`: the lines and files each client family needs to use and trust the proxy.
@@ -22,6 +25,7 @@
 pub mod admin;
 pub mod ca;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod demo;
 pub mod emulator;
@@ -30,6 +34,7 @@ pub mod metadata;
 pub mod onboard;
 pub mod origin;
 pub mod proxy;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod tokens;

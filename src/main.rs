@@ -45,6 +45,9 @@ enum Command {
         url: Option<String>,
         #[arg(long, default_value = "GET", requires = "url")]
         method: String,
+        /// Gateway mode: the dry run as this client (a name under `clients`).
+        #[arg(long, requires = "url")]
+        client: Option<String>,
     },
     /// Print a token for a configured identity.
     Token {
@@ -57,6 +60,8 @@ enum Command {
         #[arg(long)]
         audience: Option<String>,
     },
+    /// Read a password on stdin and print its Argon2 hash, for `clients.NAME.password_hash`.
+    HashPassword,
     /// Manage the local CA.
     Ca {
         #[command(subcommand)]
@@ -125,7 +130,8 @@ fn main() -> ExitCode {
                 config,
                 url,
                 method,
-            } => cli::check(&config, url.as_deref(), &method),
+                client,
+            } => cli::check(&config, url.as_deref(), &method, client.as_deref()),
             Command::Token {
                 identity,
                 config,
@@ -138,6 +144,7 @@ fn main() -> ExitCode {
             Command::Ca {
                 command: CaCommand::Init { config, force },
             } => cli::ca_init(&config, force),
+            Command::HashPassword => cli::hash_password(),
             Command::Env { config, format } => cli::env(&config, format),
             Command::Emulator { policy, listen } => cli::emulator(&policy, listen).await,
             Command::Demo { listen, once } => impersonate_proxy::demo::run(listen, once)

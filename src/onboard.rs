@@ -291,7 +291,7 @@ mod tests {
     fn config(extra: &str) -> Config {
         Config::from_yaml(
             &format!(
-                "listen: 0.0.0.0:8080\nidentities: {{ dev: {{ service_account: dev@p.iam.gserviceaccount.com }} }}\n{extra}"
+                "listen: 0.0.0.0:8080\nserve_anyone: true\nidentities: {{ dev: {{ service_account: dev@p.iam.gserviceaccount.com }} }}\n{extra}"
             ),
             "t.yaml",
         )

@@ -154,6 +154,37 @@ impl Methods {
     }
 }
 
+/// A set of route indexes (the routes a client may use), as bits: testing one is a shift and
+/// a mask.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteSet {
+    All,
+    Some(Box<[u64]>),
+}
+
+impl RouteSet {
+    /// An empty set for a table of `len` routes.
+    pub fn none(len: usize) -> RouteSet {
+        RouteSet::Some(vec![0u64; len.div_ceil(64)].into_boxed_slice())
+    }
+
+    pub fn insert(&mut self, i: usize) {
+        if let RouteSet::Some(bits) = self {
+            if let Some(w) = bits.get_mut(i / 64) {
+                *w |= 1 << (i % 64);
+            }
+        }
+    }
+
+    #[inline]
+    pub fn contains(&self, i: usize) -> bool {
+        match self {
+            RouteSet::All => true,
+            RouteSet::Some(bits) => bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct RouteTable {
     routes: Vec<Route>,
@@ -198,11 +229,22 @@ impl RouteTable {
 
     /// Index of the first route matching host, path (without query) and method.
     pub fn find(&self, host: &str, path: &str, method: &Method) -> Option<usize> {
+        self.find_in(host, path, method, &RouteSet::All)
+    }
+
+    /// [`RouteTable::find`] among the routes in `allowed` only (a client's routes).
+    pub fn find_in(
+        &self,
+        host: &str,
+        path: &str,
+        method: &Method,
+        allowed: &RouteSet,
+    ) -> Option<usize> {
         let host = host.strip_suffix('.').unwrap_or(host);
         let hit = |list: &Vec<usize>| {
             list.iter().copied().find(|&i| {
                 let r = &self.routes[i];
-                r.methods.matches(method) && r.path.matches(path)
+                allowed.contains(i) && r.methods.matches(method) && r.path.matches(path)
             })
         };
         let mut best = self.exact.get(host).and_then(hit);

@@ -130,6 +130,18 @@ impl Server {
         &self.state
     }
 
+    /// Reload from `path` on `POST /reload` (and `SIGHUP`, which `run` wires), and watch it
+    /// when `reload.watch` is on. `workers` is `--workers`, applied to each reloaded config.
+    pub fn enable_reload(&mut self, path: std::path::PathBuf, workers: Option<usize>) {
+        self.state.reload.set_source(path, workers);
+        if self.state.config.reload.watch {
+            self.tasks.spawn(crate::reload::watch(
+                self.state.clone(),
+                self.stop.subscribe(),
+            ));
+        }
+    }
+
     /// Stop accepting, drain in-flight requests (bounded by `limits.drain_timeout`), return.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);

@@ -211,6 +211,7 @@ async fn grpc_sandbox(policy: &str) -> (Sandbox, Arc<Seen>) {
             identity: Some(identity.into()),
             id_token: None,
             passthrough: false,
+            clients: vec![],
         };
         c.routes
             .insert(0, route("/google.pubsub.v1.Publisher/*", "jobs"));

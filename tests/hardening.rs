@@ -471,6 +471,7 @@ async fn a_routed_host_on_an_internal_address_is_refused_upstream() {
                 identity: Some("dev".into()),
                 id_token: None,
                 passthrough: false,
+                clients: vec![],
             },
         );
     })

@@ -33,6 +33,7 @@ async fn sandbox_with_port_80(echo: &Echo, plain_http: PlainHttp) -> Sandbox {
                 identity: None,
                 id_token: None,
                 passthrough: true,
+                clients: vec![],
             },
         );
     })

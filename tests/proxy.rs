@@ -408,6 +408,7 @@ async fn absolute_form_http_obeys_the_port_policy() {
             identity: None,
             id_token: None,
             passthrough: true,
+            clients: vec![],
         });
     })
     .await;

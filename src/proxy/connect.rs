@@ -24,6 +24,7 @@ use super::idle::{self, Activity, TunnelEnd};
 use super::token_endpoint;
 use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
+use crate::clients::ClientRef;
 use crate::config::OtherHosts;
 
 /// A client connection's place under `limits.max_connections`, held for as long as the
@@ -84,16 +85,22 @@ pub(crate) fn spawn_client(
             let svc_state = state.clone();
             let svc_stop = stop.clone();
             let svc_activity = activity.clone();
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |mut req| {
                 let busy = svc_activity.begin();
-                let answer = handle(
-                    req,
-                    peer,
+                let (state, upstream, stop, permit) = (
                     svc_state.clone(),
                     upstream.clone(),
                     svc_stop.clone(),
                     permit.clone(),
                 );
+                let answer = async move {
+                    // Gateway mode: who is asking, before anything else (crate::clients).
+                    let client = match crate::clients::admit(&mut req, peer, &state).await {
+                        Ok(c) => c,
+                        Err(resp) => return Ok(resp),
+                    };
+                    handle(req, peer, client, state, upstream, stop, permit).await
+                };
                 idle::counted(busy, answer)
             });
             let conn = http
@@ -117,6 +124,7 @@ pub(crate) fn spawn_client(
 async fn handle(
     req: Request<Incoming>,
     peer: SocketAddr,
+    client: ClientRef,
     state: Arc<ProxyState>,
     upstream: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
@@ -126,7 +134,7 @@ async fn handle(
     let asked = req.uri().authority().cloned();
     if req.method() == Method::CONNECT {
         return Ok(
-            match connect(req, peer, &state, upstream, stop, permit).await {
+            match connect(req, peer, client, &state, upstream, stop, permit).await {
                 Ok(resp) => resp,
                 Err(e) => refuse(&state, peer, asked.as_ref(), &e),
             },
@@ -135,7 +143,7 @@ async fn handle(
     // Absolute-form `http://host/path`: forwarded, routes applied.
     let uri = req.uri();
     if uri.scheme() == Some(&http::uri::Scheme::HTTP) && uri.authority().is_some() {
-        let target = match plain_target(&req, &state) {
+        let target = match plain_target(&req, client, &state) {
             Ok(t) => t,
             Err(e) => return Ok(refuse(&state, peer, asked.as_ref(), &e)),
         };
@@ -206,14 +214,21 @@ fn authority_of(
     Ok((host, port))
 }
 
-fn plain_target(req: &Request<Incoming>, state: &ProxyState) -> Result<Target, ProxyError> {
+fn plain_target(
+    req: &Request<Incoming>,
+    client: ClientRef,
+    state: &ProxyState,
+) -> Result<Target, ProxyError> {
     let (host, port) = authority_of(req.uri(), Some(80), state)?;
-    if !state.routes.routes_host(&host) && state.config.other_hosts == OtherHosts::Deny {
+    if !state.live.load().routes.routes_host(&host) && state.config.other_hosts == OtherHosts::Deny
+    {
         return Err(ProxyError::Refused(format!(
             "{host} is not named by any route (other_hosts: deny)"
         )));
     }
-    Target::new(host, port, false)
+    let mut target = Target::new(host, port, false)?;
+    target.client = client;
+    Ok(target)
 }
 
 /// CONNECT as named steps: check the target, decide, answer, then (after the upgrade) either
@@ -221,13 +236,14 @@ fn plain_target(req: &Request<Incoming>, state: &ProxyState) -> Result<Target, P
 async fn connect(
     req: Request<Incoming>,
     peer: SocketAddr,
+    client: ClientRef,
     state: &Arc<ProxyState>,
     upstream_client: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
     permit: Arc<ConnectionSlot>,
 ) -> Result<Response<Body>, ProxyError> {
     let (host, port) = authority_of(req.uri(), None, state)?;
-    let intercept = state.routes.routes_host(&host)
+    let intercept = state.live.load().routes.routes_host(&host)
         || (state.config.facade.token_endpoint && token_endpoint::is_host(&host));
     if !intercept && state.config.other_hosts == OtherHosts::Deny {
         return Err(ProxyError::Refused(format!(
@@ -251,12 +267,15 @@ async fn connect(
             }
         };
         match upstream {
-            Some(mut tcp) => tunnel(upgraded, &mut tcp, peer, &host, port, &state).await,
+            Some(mut tcp) => {
+                tunnel(upgraded, &mut tcp, peer, client.name(), &host, port, &state).await
+            }
             None => {
                 let conn = Intercepted {
                     host,
                     port,
                     peer,
+                    client,
                     state,
                     upstream: upstream_client,
                 };
@@ -286,6 +305,7 @@ async fn tunnel(
     upgraded: hyper::upgrade::Upgraded,
     tcp: &mut TcpStream,
     peer: SocketAddr,
+    client_name: &str,
     host: &str,
     port: u16,
     state: &ProxyState,
@@ -306,16 +326,16 @@ async fn tunnel(
     match end {
         TunnelEnd::Done(Ok(_)) => tracing::info!(
             target: "impersonate_proxy::access",
-            client = %peer, host, port, up, down, secs, "tunnel closed"
+            client = %peer, client_name, host, port, up, down, secs, "tunnel closed"
         ),
         // A reset by either end is how many tunnels end; not the proxy's failure.
         TunnelEnd::Done(Err(e)) => tracing::info!(
             target: "impersonate_proxy::access",
-            client = %peer, host, port, up, down, secs, reason = %e, "tunnel ended with an error"
+            client = %peer, client_name, host, port, up, down, secs, reason = %e, "tunnel ended with an error"
         ),
         TunnelEnd::Closed(reason) => tracing::info!(
             target: "impersonate_proxy::access",
-            client = %peer, host, port, up, down, secs, reason, "tunnel closed by the proxy"
+            client = %peer, client_name, host, port, up, down, secs, reason, "tunnel closed by the proxy"
         ),
     }
 }
@@ -325,6 +345,8 @@ struct Intercepted {
     host: String,
     port: u16,
     peer: SocketAddr,
+    /// Admitted on the CONNECT; the session's requests inherit it.
+    client: ClientRef,
     state: Arc<ProxyState>,
     upstream: Arc<UpstreamClient>,
 }
@@ -339,6 +361,7 @@ async fn intercept_tls(
         host,
         port,
         peer,
+        client,
         state,
         upstream,
     } = conn;
@@ -378,7 +401,10 @@ async fn intercept_tls(
         }
     };
     let target = match Target::new(host, port, true) {
-        Ok(t) => Arc::new(t),
+        Ok(mut t) => {
+            t.client = client;
+            Arc::new(t)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot serve the intercepted connection");
             return;

@@ -41,6 +41,15 @@ pub enum ProxyError {
     TooManyHeaders { count: usize, max: usize },
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// No or wrong proxy credentials: 407 with `Proxy-Authenticate`.
+    #[error("{0}")]
+    ProxyAuth(#[from] crate::clients::AuthError),
+    /// A known client asked for a route it may not use.
+    #[error("refused by policy: client `{client}` may not use route `{route}`")]
+    NotForClient { client: String, route: String },
+    /// The connection's client is no longer configured as it was admitted (a reload).
+    #[error("refused by policy: {0}")]
+    ClientGone(String),
 }
 
 impl ProxyError {
@@ -56,6 +65,8 @@ impl ProxyError {
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::TooManyHeaders { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Config(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::ProxyAuth(_) => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            ProxyError::NotForClient { .. } | ProxyError::ClientGone(_) => StatusCode::FORBIDDEN,
         }
     }
 }
@@ -133,6 +144,7 @@ fn google_status(code: StatusCode) -> &'static str {
         | StatusCode::MISDIRECTED_REQUEST
         | StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "INVALID_ARGUMENT",
         StatusCode::FORBIDDEN => "PERMISSION_DENIED",
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED => "UNAUTHENTICATED",
         StatusCode::SERVICE_UNAVAILABLE | StatusCode::BAD_GATEWAY => "UNAVAILABLE",
         StatusCode::GATEWAY_TIMEOUT => "DEADLINE_EXCEEDED",
         _ => "INTERNAL",
@@ -212,6 +224,12 @@ pub fn to_response(err: &ProxyError) -> Response<Body> {
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json; charset=UTF-8"),
     );
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        resp.headers_mut().insert(
+            header::PROXY_AUTHENTICATE,
+            http::HeaderValue::from_static("Basic realm=\"impersonate-proxy\""),
+        );
+    }
     resp
 }
 

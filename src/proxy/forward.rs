@@ -20,6 +20,7 @@ use super::headers;
 use super::upload::{Continue, Upload};
 use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
+use crate::clients::ClientRef;
 use crate::config::{PlainHttp, Unmatched};
 
 /// Where the requests of one connection go: the CONNECT target (or the absolute-form URI's
@@ -35,6 +36,9 @@ pub(crate) struct Target {
     /// there, and a request a route gives a token goes to this `https` authority instead
     /// (the host on 443), or is refused, by `plain_http`.
     tls_authority: Option<Authority>,
+    /// Who sent this connection's requests, as admitted on the CONNECT (or the absolute-form
+    /// request): it decides which routes they may match.
+    pub client: ClientRef,
 }
 
 impl Target {
@@ -62,6 +66,7 @@ impl Target {
             scheme,
             authority,
             tls_authority,
+            client: ClientRef::anyone(0),
         })
     }
 
@@ -103,15 +108,25 @@ pub(crate) async fn request(
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let index = state.routes.find(&target.host, path, &method);
-    let route = index.and_then(|i| state.targets.get(i));
+    // One load of the routes, identities and clients in force: a reload during this request
+    // does not change what it gets.
+    let live = state.live.load_full();
+    let selected = crate::clients::select(&live, &target.client, &target.host, path, &method);
+    let route = match &selected {
+        Ok(index) => index.and_then(|i| live.targets.get(i)),
+        Err(_) => None,
+    };
     let route_name = route.map_or("-", |r| r.name.as_str());
     let identity = route.and_then(|r| r.identity.as_deref()).unwrap_or("-");
     let target_sa = route
         .and_then(|r| r.slot.as_ref())
         .map_or("-", |s| s.spec().target.as_str());
 
-    let result = forward(req, &target, route, &state, &upstream).await;
+    let result = match selected {
+        Ok(_) => forward(req, &target, route, &live, &state, &upstream).await,
+        Err(e) => Err(e),
+    };
+    let client_name = target.client.name();
     let (resp, error) = match result {
         Ok(resp) => (resp, None),
         Err(e) => {
@@ -142,13 +157,13 @@ pub(crate) async fn request(
     match error {
         None => tracing::info!(
             target: "impersonate_proxy::access",
-            client = %peer, method = %method, host = %target.host, port = target.port, path,
+            client = %peer, client_name, method = %method, host = %target.host, port = target.port, path,
             route = route_name, identity, target_sa, source, status, bytes, latency_us,
             "request"
         ),
         Some(e) => tracing::warn!(
             target: "impersonate_proxy::access",
-            client = %peer, method = %method, host = %target.host, port = target.port, path,
+            client = %peer, client_name, method = %method, host = %target.host, port = target.port, path,
             route = route_name, identity, target_sa, source, status, bytes, latency_us,
             reason = %e,
             "request failed"
@@ -161,6 +176,7 @@ async fn forward(
     req: Request<Incoming>,
     target: &Target,
     route: Option<&super::RouteTarget>,
+    live: &super::Live,
     state: &ProxyState,
     upstream: &UpstreamClient,
 ) -> Result<Response<Body>, ProxyError> {
@@ -177,7 +193,7 @@ async fn forward(
     // token belong to the connection's target.
     headers::check_authority(&mut parts, &target.expected())?;
     if route.is_none()
-        && state.routes.routes_host(&target.host)
+        && live.routes.routes_host(&target.host)
         && state.config.unmatched == Unmatched::Deny
     {
         return Err(ProxyError::Refused(format!(

@@ -44,7 +44,10 @@ use tokio::sync::{watch, Semaphore};
 
 pub use error::{to_response, to_response_for, ProxyError};
 
+use arc_swap::ArcSwap;
+
 use crate::ca::CertificateAuthority;
+use crate::clients::ClientTable;
 use crate::config::Config;
 use crate::routes::{Action, RouteTable};
 use crate::tokens::{TokenEngine, TokenSlot, TokenSpec};
@@ -74,6 +77,8 @@ pub struct Metrics {
     pub responses: [AtomicU64; 6],
     pub token_errors_total: AtomicU64,
     pub upstream_errors_total: AtomicU64,
+    /// Connections answered 407 (no or wrong proxy credentials).
+    pub auth_failures_total: AtomicU64,
 }
 
 impl Metrics {
@@ -83,36 +88,27 @@ impl Metrics {
     }
 }
 
-/// Everything the request path needs, shared by every connection.
-pub struct ProxyState {
-    pub config: Config,
+/// The part of the config a reload swaps: routes, the identities behind them, and clients.
+/// A request loads the current one once; a reload builds the next one beside it (its new
+/// identities warmed) and swaps it in, so requests in flight finish on the one they began
+/// with and open connections stay open.
+pub struct Live {
+    /// Counts reloads; tells a connection admitted under an older generation to find its
+    /// client again by name.
+    pub generation: u64,
     pub routes: RouteTable,
     pub(crate) targets: Vec<RouteTarget>,
-    pub ca: CertificateAuthority,
-    pub engine: Arc<TokenEngine>,
-    /// Checked at start-up; each worker builds its own upstream client from it.
-    upstream_tls: rustls::ClientConfig,
-    /// `upstream.resolve` and the internal-address policy, for the upstream clients and for
-    /// blind tunnels alike.
-    pub(crate) destinations: Arc<destination::Destinations>,
-    /// Upstream connections per origin and in total, across workers.
-    pub(crate) caps: Arc<caps::UpstreamCaps>,
-    /// What each origin negotiated, as the workers' upstream connectors find out.
-    pub(crate) protocols: Arc<upstream::Protocols>,
-    pub metrics: Metrics,
-    /// Caps concurrent client connections (`limits.max_connections`).
-    pub(crate) connections: Arc<Semaphore>,
-    /// Bumped when the cap is reached: every idle connection closes (`idle.rs`).
-    pub(crate) reclaim: watch::Sender<u64>,
+    pub clients: Arc<ClientTable>,
 }
 
-impl ProxyState {
-    pub fn new(
-        config: Config,
-        ca: CertificateAuthority,
-        engine: Arc<TokenEngine>,
-    ) -> Result<Arc<ProxyState>, ProxyError> {
-        let routes = RouteTable::compile(&config).map_err(|e| ProxyError::Config(e.to_string()))?;
+impl Live {
+    /// Compile routes and clients, and take (or create) the token slot of every route.
+    pub fn compile(
+        config: &Config,
+        engine: &TokenEngine,
+        generation: u64,
+    ) -> Result<Live, ProxyError> {
+        let routes = RouteTable::compile(config).map_err(|e| ProxyError::Config(e.to_string()))?;
         let mut targets = Vec::with_capacity(routes.len());
         for route in routes.iter() {
             let identity = route.action.identity().map(str::to_string);
@@ -154,6 +150,57 @@ impl ProxyState {
                 quota_project,
             });
         }
+        let clients = Arc::new(ClientTable::compile(config, routes.len()));
+        Ok(Live {
+            generation,
+            routes,
+            targets,
+            clients,
+        })
+    }
+
+    /// The token specs this generation's routes use.
+    pub fn specs(&self) -> impl Iterator<Item = &TokenSpec> {
+        self.targets
+            .iter()
+            .filter_map(|t| t.slot.as_ref().map(|s| s.spec()))
+    }
+}
+
+/// Everything the request path needs, shared by every connection.
+pub struct ProxyState {
+    /// The config the proxy started with. Its `routes`, `identities` and `clients` are
+    /// superseded by `live` after a reload; every other setting needs a restart to change.
+    pub config: Config,
+    /// Routes, identities and clients in force; swapped whole by a reload.
+    pub live: ArcSwap<Live>,
+    pub ca: CertificateAuthority,
+    pub engine: Arc<TokenEngine>,
+    /// Checked at start-up; each worker builds its own upstream client from it.
+    upstream_tls: rustls::ClientConfig,
+    /// `upstream.resolve` and the internal-address policy, for the upstream clients and for
+    /// blind tunnels alike.
+    pub(crate) destinations: Arc<destination::Destinations>,
+    /// Upstream connections per origin and in total, across workers.
+    pub(crate) caps: Arc<caps::UpstreamCaps>,
+    /// What each origin negotiated, as the workers' upstream connectors find out.
+    pub(crate) protocols: Arc<upstream::Protocols>,
+    pub metrics: Metrics,
+    /// Caps concurrent client connections (`limits.max_connections`).
+    pub(crate) connections: Arc<Semaphore>,
+    /// Bumped when the cap is reached: every idle connection closes (`idle.rs`).
+    pub(crate) reclaim: watch::Sender<u64>,
+    /// Where the config came from and how reloads went (`SIGHUP`, `POST /reload`, the watch).
+    pub reload: crate::reload::Reload,
+}
+
+impl ProxyState {
+    pub fn new(
+        config: Config,
+        ca: CertificateAuthority,
+        engine: Arc<TokenEngine>,
+    ) -> Result<Arc<ProxyState>, ProxyError> {
+        let live = Live::compile(&config, &engine, 1)?;
         let upstream_tls = upstream::tls_config(&config.upstream)?;
         let destinations = Arc::new(destination::Destinations::from_config(&config.upstream));
         let caps = Arc::new(caps::UpstreamCaps::from_config(&config.upstream));
@@ -164,8 +211,7 @@ impl ProxyState {
         let connections = Arc::new(Semaphore::new(config.limits.max_connections));
         Ok(Arc::new(ProxyState {
             config,
-            routes,
-            targets,
+            live: ArcSwap::from_pointee(live),
             ca,
             engine,
             upstream_tls,
@@ -175,6 +221,7 @@ impl ProxyState {
             metrics: Metrics::default(),
             connections,
             reclaim: watch::Sender::new(0),
+            reload: crate::reload::Reload::default(),
         }))
     }
 }

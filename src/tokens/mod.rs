@@ -316,6 +316,14 @@ impl TokenEngine {
         futures_util::future::join_all(tasks).await
     }
 
+    /// Forget the slots whose spec is not in `keep` (identities a reload removed): their
+    /// refreshers end once the last request holding them is done. How many were dropped.
+    pub fn retain(&self, keep: &std::collections::HashSet<TokenSpec>) -> usize {
+        let before = self.slots.len();
+        self.slots.retain(|spec, _| keep.contains(spec));
+        before.saturating_sub(self.slots.len())
+    }
+
     /// Every slot has a token that may be served now.
     pub fn is_ready(&self) -> bool {
         self.slots.iter().all(|e| e.value().is_ready())
