@@ -13,6 +13,11 @@
 //!   subdomains) that may connect wherever they resolve.
 //! - `upstream.resolve`: a `host:port` the operator mapped to an address connects there,
 //!   whatever the address is; writing the mapping is the deliberate choice.
+//! - The machine's hosts file (`/etc/hosts`), for the hosts a route names, read at start-up:
+//!   only the machine's owner writes it (Kubernetes' `hostAliases` too), so a routed host it
+//!   maps to an internal address (a private endpoint, a local stand-in) is a choice like a
+//!   `resolve` entry. DNS answers are not; blind tunnels and unrouted hosts never use this;
+//!   `localhost` names never count.
 //!
 //! The check costs one comparison per address of each new connection, never anything per
 //! request on a connection already open.
@@ -47,11 +52,12 @@ pub struct Cidr {
 }
 
 impl Cidr {
-    /// `10.0.0.0/8`, `fd00::/8`, or one address (`127.0.0.1`, `::1`).
+    /// `10.0.0.0/8`, `fd00::/8`, or one address (`127.0.0.1`, `::1`); used by
+    /// `upstream.allow_internal` and by clients' `cidrs` alike.
     pub fn parse(s: &str) -> Option<Cidr> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p.parse::<u8>().ok()?)),
-            None => (s, None),
+        let (addr, prefix) = match s.trim().split_once('/') {
+            Some((a, p)) => (a.trim(), Some(p.trim().parse::<u8>().ok()?)),
+            None => (s.trim(), None),
         };
         let net: IpAddr = addr
             .trim_start_matches('[')
@@ -128,6 +134,8 @@ pub fn is_internal(ip: IpAddr) -> bool {
 /// The connect policy and the `resolve` map, built once from the config.
 pub struct Destinations {
     overrides: Overrides,
+    /// Routed hosts the hosts file maps, and their addresses (see the module documentation).
+    hosts_file: std::collections::HashMap<String, Vec<IpAddr>>,
     nets: Vec<Cidr>,
     /// Exact names, lower-case; a `*.suffix` entry is kept as `.suffix`.
     hosts: Vec<String>,
@@ -150,10 +158,32 @@ impl Destinations {
         }
         Destinations {
             overrides: Overrides::from_config(cfg),
+            hosts_file: Default::default(),
             nets,
             hosts,
             connect_timeout: cfg.connect_timeout,
         }
+    }
+
+    /// Take the entries of a hosts file (its text) for the hosts `routed` says a route names,
+    /// never `localhost` names.
+    pub fn with_hosts_file(mut self, text: &str, routed: impl Fn(&str) -> bool) -> Destinations {
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or_default();
+            let mut fields = line.split_whitespace();
+            let Some(Ok(ip)) = fields.next().map(str::parse::<IpAddr>) else {
+                continue;
+            };
+            for name in fields {
+                let name = name.trim_end_matches('.').to_ascii_lowercase();
+                let local =
+                    name == "localhost" || name.ends_with(".localhost") || name.starts_with("ip6-");
+                if !local && routed(&name) {
+                    self.hosts_file.entry(name).or_default().push(ip);
+                }
+            }
+        }
+        self
     }
 
     /// `upstream.allow_internal` names `host` (lower-case, no brackets).
@@ -191,6 +221,18 @@ impl Destinations {
     async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, DialError> {
         if let Some(addr) = self.overrides.get(host, port) {
             return TcpStream::connect(addr).await.map_err(DialError::Connect);
+        }
+        if let Some(ips) = self.hosts_file.get(host) {
+            let mut failed = None;
+            for ip in ips {
+                match TcpStream::connect(SocketAddr::new(*ip, port)).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) => failed = Some(DialError::Connect(e)),
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
         }
         let named = self.allows_host(host);
         let check = |addr: SocketAddr| {
@@ -335,6 +377,15 @@ mod tests {
         let d = Destinations::from_config(&cfg);
         d.dial("mapped.example.com", port).await.unwrap();
         assert!(d.dial("127.0.0.1", port).await.is_err());
+        // As is the hosts file's mapping of a routed host, never of localhost or of a host
+        // no route names.
+        let hosts = "127.0.0.1 localhost storage.googleapis.com\n10.9.9.9 other.example # x\n";
+        let d = Destinations::from_config(&UpstreamConfig::default())
+            .with_hosts_file(hosts, |h| h.ends_with("googleapis.com") || h == "localhost");
+        d.dial("storage.googleapis.com", port).await.unwrap();
+        let e = d.dial("localhost", port).await.unwrap_err();
+        assert!(matches!(e, DialError::Internal { .. }), "{e}");
+        assert!(!d.hosts_file.contains_key("other.example"));
         // As is allow_internal, by CIDR or by name.
         for entry in ["127.0.0.0/8", "localhost"] {
             let cfg = UpstreamConfig {

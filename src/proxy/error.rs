@@ -203,6 +203,21 @@ pub fn to_response_for(err: &ProxyError, grpc: bool) -> Response<Body> {
     resp
 }
 
+/// A JSON answer of the proxy's own (errors, the token endpoint's placeholders).
+pub(crate) fn json(status: StatusCode, v: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(v.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json; charset=UTF-8"),
+    );
+    resp
+}
+
 /// Google's JSON error shape.
 pub fn to_response(err: &ProxyError) -> Response<Body> {
     let status = err.status();
@@ -214,16 +229,7 @@ pub fn to_response(err: &ProxyError) -> Response<Body> {
             "details": [],
         }
     });
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json; charset=UTF-8"),
-    );
+    let mut resp = json(status, &body);
     if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
         resp.headers_mut().insert(
             header::PROXY_AUTHENTICATE,

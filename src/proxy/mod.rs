@@ -202,7 +202,13 @@ impl ProxyState {
     ) -> Result<Arc<ProxyState>, ProxyError> {
         let live = Live::compile(&config, &engine, 1)?;
         let upstream_tls = upstream::tls_config(&config.upstream)?;
-        let destinations = Arc::new(destination::Destinations::from_config(&config.upstream));
+        // Read once: the hosts file's mappings of routed hosts count as deliberate
+        // (destination.rs).
+        let hosts_file = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        let destinations = Arc::new(
+            destination::Destinations::from_config(&config.upstream)
+                .with_hosts_file(&hosts_file, |h| live.routes.routes_host(h)),
+        );
         let caps = Arc::new(caps::UpstreamCaps::from_config(&config.upstream));
         caps::raise_fd_limit(
             config.limits.max_connections,

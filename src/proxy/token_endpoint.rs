@@ -14,11 +14,11 @@ use std::net::SocketAddr;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use super::error::json;
 use super::Body;
 use crate::facade::{placeholder_id_token, PLACEHOLDER_ACCESS_TOKEN, PLACEHOLDER_LIFETIME};
 
@@ -52,7 +52,7 @@ pub(crate) async fn answer(
         Err(_) => {
             return Ok(json(
                 StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": "invalid_request", "error_description": "unreadable or oversized token request"}),
+                &serde_json::json!({"error": "invalid_request", "error_description": "unreadable or oversized token request"}),
             ))
         }
     };
@@ -84,7 +84,7 @@ pub(crate) async fn answer(
         client = %peer, method = "POST", host, port = 443, path, grant = %grant, kind,
         status = 200, "token endpoint answered with a placeholder"
     );
-    Ok(json(StatusCode::OK, body))
+    Ok(json(StatusCode::OK, &body))
 }
 
 /// The `target_audience` claim of a JWT-bearer assertion, read without verifying it: the
@@ -94,20 +94,6 @@ fn target_audience(assertion: &str) -> Option<String> {
     let claims: serde_json::Value =
         serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims.trim_end_matches('=')).ok()?).ok()?;
     claims["target_audience"].as_str().map(str::to_string)
-}
-
-fn json(status: StatusCode, v: serde_json::Value) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::from(v.to_string()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    resp
 }
 
 #[cfg(test)]
