@@ -393,9 +393,11 @@ pub async fn run(config_path: &Path, workers: Option<usize>) -> Result<(), CliEr
             }
         }
     }
-    // Only once the SIGHUP handler is in place: from here on SIGHUP reloads, never terminates.
+    // Only once the SIGHUP, SIGTERM and SIGINT handlers are in place: from here on SIGHUP
+    // reloads and SIGTERM drains, never kill.
+    let stop = shutdown_signal();
     tracing::info!(listen = %server.proxy_addr(), "impersonate-proxy serving");
-    wait_for_ctrl_c().await;
+    stop.await;
     tracing::info!("shutting down: draining connections");
     server.shutdown().await;
     Ok(())
@@ -403,23 +405,36 @@ pub async fn run(config_path: &Path, workers: Option<usize>) -> Result<(), CliEr
 
 /// Ctrl-C or SIGTERM (what Kubernetes sends).
 pub async fn wait_for_ctrl_c() {
+    shutdown_signal().await
+}
+
+/// Ctrl-C or SIGTERM, with both handlers installed now, before the future is first polled: a
+/// caller that announces it is serving and then waits can no longer be killed by a signal that
+/// arrives in between (seen under load in tests/gateway.rs).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            match (term, int) {
+                (Some(mut term), Some(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
