@@ -75,6 +75,12 @@ impl UpstreamCaps {
         }
     }
 
+    /// Upstream connections open now (their places under the total cap).
+    pub fn open(&self) -> usize {
+        self.total_max
+            .saturating_sub(self.total.available_permits())
+    }
+
     /// Places for one more connection to `origin` (`host:port`), waiting up to
     /// `upstream.queue_timeout`.
     pub async fn acquire(self: &Arc<Self>, origin: String) -> Result<Places, Saturated> {

@@ -15,6 +15,7 @@
 //!   the dialer that tunnels and the upstream client share.
 //! - `idle.rs`: idle clients: handshake, request and tunnel idle timeouts, and closing idle
 //!   connections first at `limits.max_connections`.
+//! - `memory.rs`: free memory returned to the system once a burst of connections is over.
 //! - `multiplex.rs`: a worker's one h2 connection per origin, used without a pool.
 //! - `token_endpoint.rs`: `facade.token_endpoint`, the OAuth2 token endpoint answered with a
 //!   placeholder.
@@ -27,6 +28,7 @@ pub mod error;
 mod forward;
 mod headers;
 mod idle;
+mod memory;
 mod multiplex;
 mod token_endpoint;
 mod upload;
@@ -268,6 +270,8 @@ pub async fn run(
         }
     }
     drop(listener);
+    // Off the workers: returns free memory to the system once a burst of connections is over.
+    tokio::spawn(memory::give_back_after_bursts(state.clone(), stop.clone()));
     if exits.is_empty() {
         tracing::error!("no proxy worker could start; not serving");
         return;
