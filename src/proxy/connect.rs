@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use futures_util::future::Either;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
@@ -25,6 +24,10 @@ use super::token_endpoint;
 use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
 use crate::clients::ClientRef;
+
+/// An intercepted request's answer, boxed (see `intercept_tls`).
+type Answer =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Body>, Infallible>> + Send>>;
 use crate::config::OtherHosts;
 
 /// A client connection's place under `limits.max_connections`, held for as long as the
@@ -268,7 +271,8 @@ async fn connect(
         };
         match upstream {
             Some(mut tcp) => {
-                tunnel(upgraded, &mut tcp, peer, client.name(), &host, port, &state).await
+                tunnel(upgraded, &mut tcp, peer, client.name(), &host, port, &state).await;
+                drop(permit);
             }
             None => {
                 let conn = Intercepted {
@@ -279,10 +283,9 @@ async fn connect(
                     state,
                     upstream: upstream_client,
                 };
-                intercept_tls(upgraded, conn, stop).await
+                intercept_tls(upgraded, conn, stop, permit).await
             }
         }
-        drop(permit);
     });
     let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
     *resp.status_mut() = StatusCode::OK;
@@ -356,6 +359,7 @@ async fn intercept_tls(
     upgraded: hyper::upgrade::Upgraded,
     conn: Intercepted,
     stop: watch::Receiver<bool>,
+    permit: Arc<ConnectionSlot>,
 ) {
     let Intercepted {
         host,
@@ -416,11 +420,15 @@ async fn intercept_tls(
         state.config.facade.token_endpoint && token_endpoint::is_host(&target.host);
     let activity = Arc::new(Activity::default());
     let svc_activity = activity.clone();
-    let svc = service_fn(move |req| {
+    // Each answer is boxed: hyper's HTTP/1.1 server keeps room for one answer future for the
+    // connection's whole life, so unboxed, every idle keep-alive connection held the ~3.9 KB
+    // of a request's state machine (massif, benches/idle.rs); boxed, it holds a pointer and a
+    // request pays one allocation.
+    let svc = service_fn(move |req| -> Answer {
         let busy = svc_activity.begin();
         if answers_tokens && token_endpoint::is_token_request(&target.host, &req) {
             let host = target.host.clone();
-            return Either::Left(idle::counted(busy, async move {
+            return Box::pin(idle::counted(busy, async move {
                 token_endpoint::answer(req, &host, peer).await
             }));
         }
@@ -431,35 +439,62 @@ async fn intercept_tls(
             svc_state.clone(),
             upstream.clone(),
         );
-        Either::Right(idle::counted(busy, answer))
+        Box::pin(idle::counted(busy, answer))
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .adaptive_window(true)
-        .keep_alive_interval(Some(std::time::Duration::from_secs(30)));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
-    let result = idle::serve(
-        conn,
-        stop,
-        state.reclaim.subscribe(),
-        &activity,
-        limits.idle_timeout,
-        |c| c.graceful_shutdown(),
-    )
-    .await;
+    // The protocol is the one ALPN settled in the handshake (`h2`, or HTTP/1.1 when the client
+    // offered nothing else: h2 over TLS is negotiated by ALPN, RFC 9113 §3.2), so no bytes are
+    // read ahead to guess it. Each protocol's session then runs in a task of its own and this
+    // one ends: a task keeps room for the largest state its future passes through, so serving
+    // in this task kept the CONNECT and handshake states, and the other protocol's, beside
+    // every idle keep-alive session (benches/idle.rs: 36.2 KiB a connection before, see the
+    // README for after).
+    let (reclaim, idle_timeout) = (state.reclaim.subscribe(), limits.idle_timeout);
+    let io = TokioIo::new(tls);
+    if io.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+            .adaptive_window(true)
+            .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+            .serve_connection(io, svc);
+        tokio::spawn(
+            async move {
+                let result = idle::serve(conn, stop, reclaim, &activity, idle_timeout, |c| {
+                    c.graceful_shutdown()
+                })
+                .await;
+                session_ended(result, permit);
+            }
+            .in_current_span(),
+        );
+    } else {
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192))
+            .max_headers(limits.max_headers)
+            .keep_alive(true)
+            .serve_connection(io, svc)
+            .with_upgrades();
+        tokio::spawn(
+            async move {
+                let result = idle::serve(conn, stop, reclaim, &activity, idle_timeout, |c| {
+                    c.graceful_shutdown()
+                })
+                .await;
+                session_ended(result, permit);
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+/// An intercepted session is over: its place under `limits.max_connections` is free.
+fn session_ended(result: Result<(), hyper::Error>, permit: Arc<ConnectionSlot>) {
     if let Err(e) = result {
         tracing::debug!(error = %e, "intercepted connection ended with an error");
     }
+    drop(permit);
 }
 
 /// The rest of the TLS handshake once the client hello is in: check its server name, mint a
