@@ -79,6 +79,9 @@ pub struct Config {
     pub serve_anyone: bool,
     /// Reloading on a change of the config file.
     pub reload: crate::reload::ReloadConfig,
+    /// A TLS listener for tools that ignore `HTTPS_PROXY`: the client hello's server name is
+    /// the target. Off unless present.
+    pub transparent: Option<crate::proxy::transparent::TransparentConfig>,
 }
 
 impl Default for Config {
@@ -103,6 +106,7 @@ impl Default for Config {
             clients: BTreeMap::new(),
             serve_anyone: false,
             reload: crate::reload::ReloadConfig::default(),
+            transparent: None,
         }
     }
 }
@@ -545,6 +549,8 @@ impl Config {
         self.check_token_timing()
             .map_err(|(key, message)| invalid(key, message))?;
         crate::clients::validate(self).map_err(|(key, message)| invalid(key, message))?;
+        crate::proxy::transparent::validate(self)
+            .map_err(|(key, message)| invalid(key, message))?;
         if self.allowed_ports.is_empty() {
             return Err(invalid(
                 "allowed_ports".into(),

@@ -231,6 +231,7 @@ pub fn needs_restart(running: &Config, next: &Config) -> Vec<String> {
     check("allowed_ports", running.allowed_ports == next.allowed_ports);
     check("plain_http", running.plain_http == next.plain_http);
     check("reload", running.reload == next.reload);
+    check("transparent", running.transparent == next.transparent);
     if let Some(m) = &running.facade.metadata {
         check(
             &format!("identities.{} (behind facade.metadata)", m.identity),

@@ -18,6 +18,7 @@ use crate::tokens::TokenEngine;
 /// A running proxy (and admin endpoint): addresses, and the way to stop it.
 pub struct Server {
     proxy_addr: SocketAddr,
+    transparent_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     metadata_addr: Option<SocketAddr>,
     state: Arc<ProxyState>,
@@ -61,9 +62,23 @@ impl Server {
             }
             None => None,
         };
+        // `transparent.listen` binds here too, like the facade.
+        let transparent = match &config.transparent {
+            Some(t) => Some(bind(t.listen).await?),
+            None => None,
+        };
         let state = ProxyState::new(config, ca, engine.clone())
             .map_err(|e| CliError::Other(e.to_string()))?;
         let proxy_addr = local_addr(&listener)?;
+        let transparent_addr = match &transparent {
+            Some(l) => Some(local_addr(l)?),
+            None => None,
+        };
+        state.set_own_listeners(
+            std::iter::once(proxy_addr)
+                .chain(transparent_addr)
+                .collect(),
+        );
         let admin_addr = match &admin {
             Some(l) => Some(local_addr(l)?),
             None => None,
@@ -90,6 +105,7 @@ impl Server {
         }
         tasks.spawn(crate::proxy::run(
             listener,
+            transparent,
             state.clone(),
             wait_for(stopped.clone()),
         ));
@@ -105,6 +121,7 @@ impl Server {
         }
         Ok(Server {
             proxy_addr,
+            transparent_addr,
             admin_addr,
             metadata_addr,
             state,
@@ -115,6 +132,11 @@ impl Server {
 
     pub fn proxy_addr(&self) -> SocketAddr {
         self.proxy_addr
+    }
+
+    /// Where the transparent listener listens, when configured.
+    pub fn transparent_addr(&self) -> Option<SocketAddr> {
+        self.transparent_addr
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {

@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit};
 use tokio_rustls::LazyConfigAcceptor;
@@ -41,7 +42,7 @@ pub(crate) struct ConnectionSlot {
 }
 
 impl ConnectionSlot {
-    fn new(permit: OwnedSemaphorePermit, state: Arc<ProxyState>) -> ConnectionSlot {
+    pub(super) fn new(permit: OwnedSemaphorePermit, state: Arc<ProxyState>) -> ConnectionSlot {
         let m = &state.metrics;
         m.connections_total.fetch_add(1, Ordering::Relaxed);
         m.connections_active.fetch_add(1, Ordering::Relaxed);
@@ -246,21 +247,21 @@ async fn connect(
     permit: Arc<ConnectionSlot>,
 ) -> Result<Response<Body>, ProxyError> {
     let (host, port) = authority_of(req.uri(), None, state)?;
-    let intercept = state.live.load().routes.routes_host(&host)
-        || (state.config.facade.token_endpoint && token_endpoint::is_host(&host));
-    if !intercept && state.config.other_hosts == OtherHosts::Deny {
-        return Err(ProxyError::Refused(format!(
-            "{host} is not named by any route (other_hosts: deny)"
-        )));
-    }
     // For a tunnel, reach the origin before saying 200, so an unreachable host is a 502 the
     // client can read rather than a connection that dies after the handshake.
-    let upstream = if intercept {
+    let upstream = if intercepts(&host, state)? {
         None
     } else {
         Some(dial(&host, port, state).await?)
     };
-    let state = state.clone();
+    let conn = Intercepted {
+        host,
+        port,
+        peer,
+        client,
+        state: state.clone(),
+        upstream: upstream_client,
+    };
     tokio::spawn(async move {
         let upgraded = match hyper::upgrade::on(req).await {
             Ok(u) => u,
@@ -269,32 +270,66 @@ async fn connect(
                 return;
             }
         };
-        match upstream {
-            Some(mut tcp) => {
-                tunnel(upgraded, &mut tcp, peer, client.name(), &host, port, &state).await;
-                drop(permit);
-            }
-            None => {
-                let conn = Intercepted {
-                    host,
-                    port,
-                    peer,
-                    client,
-                    state,
-                    upstream: upstream_client,
-                };
-                intercept_tls(upgraded, conn, stop, permit).await
-            }
-        }
+        session(TokioIo::new(upgraded), upstream, conn, stop, permit).await;
     });
     let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
     *resp.status_mut() = StatusCode::OK;
     Ok(resp)
 }
 
+/// The decision a CONNECT to `host` gets (the transparent listener asks it too): intercept a
+/// host a route names (or the token endpoint the facade answers), tunnel any other, or refuse
+/// it under `other_hosts: deny`.
+pub(super) fn intercepts(host: &str, state: &ProxyState) -> Result<bool, ProxyError> {
+    let intercept = state.live.load().routes.routes_host(host)
+        || (state.config.facade.token_endpoint && token_endpoint::is_host(host));
+    if !intercept && state.config.other_hosts == OtherHosts::Deny {
+        return Err(ProxyError::Refused(format!(
+            "{host} is not named by any route (other_hosts: deny)"
+        )));
+    }
+    Ok(intercept)
+}
+
+/// After the decision: copy bytes to `upstream` when there is one, else intercept. `io` is
+/// the client's stream: an upgraded CONNECT, or a transparent connection with its client
+/// hello put back in front. `permit` is the connection's place, given back when the tunnel
+/// or the intercepted session ends.
+pub(super) async fn session<IO>(
+    io: IO,
+    upstream: Option<TcpStream>,
+    conn: Intercepted,
+    stop: watch::Receiver<bool>,
+    permit: Arc<ConnectionSlot>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    match upstream {
+        Some(mut tcp) => {
+            let client_name = conn.client.name();
+            tunnel(
+                io,
+                &mut tcp,
+                conn.peer,
+                client_name,
+                &conn.host,
+                conn.port,
+                &conn.state,
+            )
+            .await;
+            drop(permit);
+        }
+        None => intercept_tls(io, conn, stop, permit).await,
+    }
+}
+
 /// Connect to `host:port` for a blind tunnel, honouring `upstream.resolve` and the
 /// internal-address policy (`destination.rs`).
-async fn dial(host: &str, port: u16, state: &ProxyState) -> Result<TcpStream, ProxyError> {
+pub(super) async fn dial(
+    host: &str,
+    port: u16,
+    state: &ProxyState,
+) -> Result<TcpStream, ProxyError> {
     state
         .destinations
         .dial(host, port)
@@ -305,7 +340,7 @@ async fn dial(host: &str, port: u16, state: &ProxyState) -> Result<TcpStream, Pr
 /// Copy bytes both ways until either side closes, or the tunnel is idle (`idle.rs`); one
 /// access line when it ends.
 async fn tunnel(
-    upgraded: hyper::upgrade::Upgraded,
+    mut client: impl AsyncRead + AsyncWrite + Unpin,
     tcp: &mut TcpStream,
     peer: SocketAddr,
     client_name: &str,
@@ -315,7 +350,6 @@ async fn tunnel(
 ) {
     state.metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
     let started = std::time::Instant::now();
-    let mut client = TokioIo::new(upgraded);
     let limits = &state.config.limits;
     let (end, up, down) = idle::tunnel(
         &mut client,
@@ -343,24 +377,27 @@ async fn tunnel(
     }
 }
 
-/// An intercepted CONNECT: where it goes, who asked, and what serves it.
-struct Intercepted {
-    host: String,
-    port: u16,
-    peer: SocketAddr,
+/// A CONNECT's (or transparent connection's) session: where it goes, who asked, and what
+/// serves it.
+pub(super) struct Intercepted {
+    pub host: String,
+    pub port: u16,
+    pub peer: SocketAddr,
     /// Admitted on the CONNECT; the session's requests inherit it.
-    client: ClientRef,
-    state: Arc<ProxyState>,
-    upstream: Arc<UpstreamClient>,
+    pub client: ClientRef,
+    pub state: Arc<ProxyState>,
+    pub upstream: Arc<UpstreamClient>,
 }
 
 /// TLS accept with a leaf for the CONNECT host, then serve HTTP/1.1 or h2 (by ALPN) on it.
-async fn intercept_tls(
-    upgraded: hyper::upgrade::Upgraded,
+async fn intercept_tls<IO>(
+    io: IO,
     conn: Intercepted,
     stop: watch::Receiver<bool>,
     permit: Arc<ConnectionSlot>,
-) {
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Intercepted {
         host,
         port,
@@ -375,8 +412,7 @@ async fn intercept_tls(
         .fetch_add(1, Ordering::Relaxed);
     let limits = &state.config.limits;
     let accepting = async {
-        let acceptor =
-            LazyConfigAcceptor::new(rustls::server::Acceptor::default(), TokioIo::new(upgraded));
+        let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
         let start = match acceptor.await {
             Ok(s) => s,
             Err(e) => {
@@ -499,13 +535,16 @@ fn session_ended(result: Result<(), hyper::Error>, permit: Arc<ConnectionSlot>) 
 
 /// The rest of the TLS handshake once the client hello is in: check its server name, mint a
 /// leaf for the CONNECT host, accept. `None` (logged) if any step fails.
-async fn handshake(
-    start: tokio_rustls::StartHandshake<TokioIo<hyper::upgrade::Upgraded>>,
+async fn handshake<IO>(
+    start: tokio_rustls::StartHandshake<IO>,
     host: &str,
     port: u16,
     peer: SocketAddr,
     state: &ProxyState,
-) -> Option<tokio_rustls::server::TlsStream<TokioIo<hyper::upgrade::Upgraded>>> {
+) -> Option<tokio_rustls::server::TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
     // The CONNECT target decides where the request goes and which routes apply; a client
     // hello naming another host is refused rather than trusted.
     if let Some(sni) = start.client_hello().server_name() {

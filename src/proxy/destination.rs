@@ -21,6 +21,11 @@
 //!
 //! The check costs one comparison per address of each new connection, never anything per
 //! request on a connection already open.
+//!
+//! Whatever opens a hole, no connection goes to one of the proxy's own listening sockets (the
+//! listener and the transparent one; for a wildcard address, any local address with its
+//! port): with the hosts file pointing a host at the transparent listener, resolving that host
+//! gives the proxy its own address back, and connecting there would loop.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -42,6 +47,8 @@ pub enum DialError {
     Connect(std::io::Error),
     #[error("connect timed out after {0}")]
     Timeout(String),
+    #[error("{addr} is this proxy's own listener: connecting would loop back into the proxy (map the host's real address with upstream.resolve)")]
+    Loop { addr: SocketAddr },
 }
 
 /// A network: an address and how many leading bits of it count.
@@ -140,6 +147,8 @@ pub struct Destinations {
     /// Exact names, lower-case; a `*.suffix` entry is kept as `.suffix`.
     hosts: Vec<String>,
     connect_timeout: Duration,
+    /// The proxy's own listening sockets, once bound: never connected to.
+    own: std::sync::OnceLock<Vec<SocketAddr>>,
 }
 
 impl Destinations {
@@ -162,6 +171,38 @@ impl Destinations {
             nets,
             hosts,
             connect_timeout: cfg.connect_timeout,
+            own: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The addresses the proxy listens on, once bound; connecting to any of them is refused
+    /// from then on. Set once; a second call is ignored.
+    pub fn set_own_listeners(&self, addrs: Vec<SocketAddr>) {
+        let _ = self.own.set(addrs);
+    }
+
+    /// `addr` reaches one of the proxy's own listeners.
+    fn is_own(&self, addr: SocketAddr) -> bool {
+        let Some(own) = self.own.get() else {
+            return false;
+        };
+        let ip = match canonical(addr.ip()) {
+            // Linux connects 0.0.0.0 (and ::) to the local host.
+            ip if ip.is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            ip => ip,
+        };
+        own.iter().any(|l| {
+            l.port() == addr.port()
+                && (canonical(l.ip()) == ip || (l.ip().is_unspecified() && is_local(ip)))
+        })
+    }
+
+    /// Refuse `addr` if it is one of the proxy's own listeners.
+    fn not_own(&self, addr: SocketAddr) -> Result<SocketAddr, DialError> {
+        if self.is_own(addr) {
+            Err(DialError::Loop { addr })
+        } else {
+            Ok(addr)
         }
     }
 
@@ -220,12 +261,14 @@ impl Destinations {
 
     async fn connect(&self, host: &str, port: u16) -> Result<TcpStream, DialError> {
         if let Some(addr) = self.overrides.get(host, port) {
+            let addr = self.not_own(addr)?;
             return TcpStream::connect(addr).await.map_err(DialError::Connect);
         }
         if let Some(ips) = self.hosts_file.get(host) {
             let mut failed = None;
             for ip in ips {
-                match TcpStream::connect(SocketAddr::new(*ip, port)).await {
+                let addr = self.not_own(SocketAddr::new(*ip, port))?;
+                match TcpStream::connect(addr).await {
                     Ok(s) => return Ok(s),
                     Err(e) => failed = Some(DialError::Connect(e)),
                 }
@@ -235,13 +278,7 @@ impl Destinations {
             }
         }
         let named = self.allows_host(host);
-        let check = |addr: SocketAddr| {
-            if named || self.allows(addr.ip()) {
-                Ok(addr)
-            } else {
-                Err(DialError::Internal { addr: addr.ip() })
-            }
-        };
+        let check = |addr: SocketAddr| self.check(named, addr);
         if let Ok(ip) = host.parse::<IpAddr>() {
             let addr = check(SocketAddr::new(ip, port))?;
             return TcpStream::connect(addr).await.map_err(DialError::Connect);
@@ -265,6 +302,38 @@ impl Destinations {
             DialError::Resolve(std::io::Error::other("the name has no address"))
         }))
     }
+}
+
+impl Destinations {
+    /// Whether `addr` may be connected to for a host (`named`: one `allow_internal` names).
+    fn check(&self, named: bool, addr: SocketAddr) -> Result<SocketAddr, DialError> {
+        let addr = self.not_own(addr)?;
+        if named || self.allows(addr.ip()) {
+            Ok(addr)
+        } else {
+            Err(DialError::Internal { addr: addr.ip() })
+        }
+    }
+
+    /// Connect to `addr` for `host` (where an iptables `REDIRECT` says the client was going),
+    /// under the same policy as an address DNS gave for `host`.
+    pub async fn dial_addr(&self, host: &str, addr: SocketAddr) -> Result<TcpStream, DialError> {
+        let addr = self.check(self.allows_host(host), addr)?;
+        let timeout = self.connect_timeout;
+        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(e)) => Err(DialError::Connect(e)),
+            Err(_) => Err(DialError::Timeout(crate::config::show(timeout))),
+        }
+    }
+}
+
+/// `ip` is an address of this machine: loopback, or one a socket can be bound to.
+fn is_local(ip: IpAddr) -> bool {
+    ip.is_loopback() || std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// An `upstream.allow_internal` entry: a CIDR, an address, a host name or `*.` and a domain.
@@ -395,5 +464,52 @@ mod tests {
             let d = Destinations::from_config(&cfg);
             d.dial("localhost", port).await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn dial_never_connects_to_the_proxys_own_listeners() {
+        let own = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let own_addr = own.local_addr().unwrap();
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let other_addr = other.local_addr().unwrap();
+        let mut cfg = UpstreamConfig {
+            allow_internal: vec!["127.0.0.0/8".into()],
+            ..UpstreamConfig::default()
+        };
+        cfg.resolve.insert("loop.example.com:443".into(), own_addr);
+        let hosts = "127.0.0.1 storage.googleapis.com\n";
+        let d = Destinations::from_config(&cfg).with_hosts_file(hosts, |_| true);
+        d.set_own_listeners(vec![own_addr]);
+        // Whichever way the address comes: a resolve entry, the hosts file, an address, DNS,
+        // or a REDIRECT's original destination. Another port on the same address is fine.
+        let port = own_addr.port();
+        for (host, p) in [
+            ("loop.example.com", 443),
+            ("storage.googleapis.com", port),
+            ("127.0.0.1", port),
+            ("[::ffff:127.0.0.1]", port),
+            ("localhost", port),
+        ] {
+            match d.dial(host, p).await {
+                Err(DialError::Loop { addr }) => assert_eq!(addr.port(), port, "{host}"),
+                other => panic!("{host}:{p}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            d.dial_addr("x.example.com", own_addr).await,
+            Err(DialError::Loop { .. })
+        ));
+        d.dial("127.0.0.1", other_addr.port()).await.unwrap();
+        d.dial_addr("x.example.com", other_addr).await.unwrap();
+
+        // A wildcard listener is every local address with its port.
+        let d = Destinations::from_config(&cfg);
+        d.set_own_listeners(vec![SocketAddr::from(([0, 0, 0, 0], port))]);
+        for host in ["127.0.0.1", "127.0.0.2", "0.0.0.0"] {
+            let e = d.dial(host, port).await.unwrap_err();
+            assert!(matches!(e, DialError::Loop { .. }), "{host}: {e}");
+        }
+        assert!(!d.is_own(SocketAddr::from(([192, 0, 2, 1], port))));
+        d.dial("127.0.0.1", other_addr.port()).await.unwrap();
     }
 }

@@ -72,10 +72,12 @@ impl ProxyError {
 }
 
 impl ProxyError {
-    /// A failed connect: a refusal by the internal-address policy, or unreachable.
+    /// A failed connect: a refusal by the internal-address policy (or of the proxy's own
+    /// address), or unreachable.
     pub(crate) fn from_dial(authority: String, e: super::destination::DialError) -> ProxyError {
+        use super::destination::DialError;
         match e {
-            super::destination::DialError::Internal { .. } => ProxyError::Internal {
+            DialError::Internal { .. } | DialError::Loop { .. } => ProxyError::Internal {
                 authority,
                 message: e.to_string(),
             },
@@ -95,8 +97,10 @@ impl ProxyError {
         let message = crate::error_chain(e);
         let mut cur = Some(e);
         while let Some(c) = cur {
-            if let Some(super::destination::DialError::Internal { .. }) =
-                c.downcast_ref::<super::destination::DialError>()
+            if let Some(
+                super::destination::DialError::Internal { .. }
+                | super::destination::DialError::Loop { .. },
+            ) = c.downcast_ref::<super::destination::DialError>()
             {
                 return ProxyError::Internal { authority, message };
             }

@@ -19,6 +19,8 @@
 //! - `multiplex.rs`: a worker's one h2 connection per origin, used without a pool.
 //! - `token_endpoint.rs`: `facade.token_endpoint`, the OAuth2 token endpoint answered with a
 //!   placeholder.
+//! - `transparent.rs`: the transparent TLS listener: the client hello's server name as a
+//!   CONNECT target, for tools that ignore `HTTPS_PROXY`.
 //! - `error.rs`: [`ProxyError`] and its response.
 
 mod caps;
@@ -31,6 +33,7 @@ mod idle;
 mod memory;
 mod multiplex;
 mod token_endpoint;
+pub mod transparent;
 mod upload;
 pub mod upstream;
 
@@ -234,6 +237,14 @@ impl ProxyState {
     }
 }
 
+impl ProxyState {
+    /// The addresses the proxy's listeners are bound to: nothing connects to them (a
+    /// transparent host resolving to the proxy itself would loop; `destination.rs`).
+    pub fn set_own_listeners(&self, addrs: Vec<std::net::SocketAddr>) {
+        self.destinations.set_own_listeners(addrs);
+    }
+}
+
 /// Serve until `shutdown` resolves, then stop accepting and drain in-flight connections for at
 /// most `limits.drain_timeout`.
 ///
@@ -244,8 +255,12 @@ impl ProxyState {
 /// and h2's per-connection locks are never contended; under tokio's work-stealing runtime the
 /// same h2 load took 1.6 times the CPU per request. The token refresher and the admin endpoint
 /// stay on the caller's runtime; a cold token miss mints on the worker that needs the token.
+///
+/// `transparent` is the `transparent.listen` socket, when configured: the same workers accept
+/// from it (`transparent.rs`), under the same connection cap.
 pub async fn run(
     listener: TcpListener,
+    transparent: Option<TcpListener>,
     state: Arc<ProxyState>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -260,16 +275,24 @@ pub async fn run(
             return;
         }
     };
+    let transparent = match transparent.map(TcpListener::into_std).transpose() {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot hand the transparent listener to the workers");
+            return;
+        }
+    };
     let (stop_tx, stop) = watch::channel(false);
     let (done_tx, done) = watch::channel(false);
     let mut exits = Vec::with_capacity(workers);
     for index in 0..workers {
-        match spawn_worker(index, &listener, &state, &stop, &done) {
+        match spawn_worker(index, &listener, transparent.as_ref(), &state, &stop, &done) {
             Ok(exit) => exits.push(exit),
             Err(e) => tracing::error!(worker = index, error = %e, "cannot start a worker"),
         }
     }
     drop(listener);
+    drop(transparent);
     // Off the workers: returns free memory to the system once a burst of connections is over.
     tokio::spawn(memory::give_back_after_bursts(state.clone(), stop.clone()));
     if exits.is_empty() {
@@ -302,11 +325,13 @@ pub async fn run(
 fn spawn_worker(
     index: usize,
     listener: &std::net::TcpListener,
+    transparent: Option<&std::net::TcpListener>,
     state: &Arc<ProxyState>,
     stop: &watch::Receiver<bool>,
     done: &watch::Receiver<bool>,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
     let listener = listener.try_clone()?;
+    let transparent = transparent.map(|t| t.try_clone()).transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -316,8 +341,12 @@ fn spawn_worker(
         .name(format!("proxy-worker-{index}"))
         .spawn(move || {
             runtime.block_on(async move {
-                match TcpListener::from_std(listener) {
-                    Ok(listener) => accept_loop(listener, state, stop).await,
+                let listeners = TcpListener::from_std(listener).and_then(|l| {
+                    let t = transparent.map(TcpListener::from_std).transpose()?;
+                    Ok((l, t))
+                });
+                match listeners {
+                    Ok((listener, t)) => accept_loop(listener, t, state, stop).await,
                     Err(e) => {
                         tracing::error!(worker = index, error = %e, "cannot use the listener")
                     }
@@ -334,6 +363,7 @@ fn spawn_worker(
 /// One worker's accept loop: until shutdown begins, take a connection permit, accept, serve.
 async fn accept_loop(
     listener: TcpListener,
+    transparent: Option<TcpListener>,
     state: Arc<ProxyState>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -353,9 +383,9 @@ async fn accept_loop(
             Err(tokio::sync::TryAcquireError::Closed) => break,
             Err(tokio::sync::TryAcquireError::NoPermits) => None,
         };
-        let (stream, peer) = tokio::select! {
+        let (stream, peer, is_transparent) = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            r = listener.accept() => match r {
+            r = accept(&listener, transparent.as_ref()) => match r {
                 Ok(c) => c,
                 Err(e) => {
                     // Usually EMFILE or a reset before accept: back off briefly, keep serving.
@@ -380,7 +410,12 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        connect::spawn_client(
+        let serve = if is_transparent {
+            transparent::spawn
+        } else {
+            connect::spawn_client
+        };
+        serve(
             stream,
             peer,
             state.clone(),
@@ -388,5 +423,19 @@ async fn accept_loop(
             stop.clone(),
             permit,
         );
+    }
+}
+
+/// The next connection on either listener; `true` when it came to the transparent one.
+async fn accept(
+    listener: &TcpListener,
+    transparent: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, std::net::SocketAddr, bool)> {
+    let Some(t) = transparent else {
+        return listener.accept().await.map(|(s, p)| (s, p, false));
+    };
+    tokio::select! {
+        r = listener.accept() => r.map(|(s, p)| (s, p, false)),
+        r = t.accept() => r.map(|(s, p)| (s, p, true)),
     }
 }
