@@ -107,6 +107,8 @@ impl RequestSeries {
 /// The handles of one config generation: a [`RequestSeries`] for each route (and one for
 /// "no route") and each client (and one for "no client"), row by row.
 pub struct SeriesTable {
+    /// Routes + 1 and clients + 1 (the `none` row and column): never 0.
+    rows: usize,
     cols: usize,
     cells: Vec<Arc<RequestSeries>>,
     /// (`none`, `none`, `none`): where an index out of range would land (never expected).
@@ -119,10 +121,9 @@ impl SeriesTable {
     /// connection's client is gone).
     #[inline]
     pub fn cell(&self, route: Option<usize>, client: Option<usize>) -> &Arc<RequestSeries> {
-        let rows = self.cells.len() / self.cols.max(1);
-        let row = route.unwrap_or(rows.saturating_sub(1));
-        let col = client.unwrap_or(self.cols.saturating_sub(1));
-        if row >= rows || col >= self.cols {
+        let row = route.unwrap_or(self.rows - 1);
+        let col = client.unwrap_or(self.cols - 1);
+        if row >= self.rows || col >= self.cols {
             return &self.fallback;
         }
         self.cells
@@ -262,6 +263,7 @@ impl Metrics {
         known.cells.retain(|_, s| Arc::strong_count(s) > 1);
         known.routes.retain(|_, s| Arc::strong_count(s) > 1);
         SeriesTable {
+            rows: routes.len() + 1,
             cols,
             cells,
             fallback,
