@@ -1,10 +1,8 @@
 //! `/healthz` (the process serves), `/readyz` (every configured identity has a usable token,
-//! so a load balancer only sends traffic to a warm replica), `/metrics` (Prometheus text) and
-//! `POST /reload` (reload the config file; see [`crate::reload`]).
+//! so a load balancer only sends traffic to a warm replica), `/metrics` (OpenMetrics text; see
+//! [`crate::metrics`]) and `POST /reload` (reload the config file; see [`crate::reload`]).
 
-use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -88,7 +86,7 @@ async fn reload(post: bool, state: &ProxyState) -> Response<Full<Bytes>> {
     resp
 }
 
-fn answer(req: &Request<Incoming>, state: &ProxyState) -> Response<Full<Bytes>> {
+fn answer(req: &Request<Incoming>, state: &Arc<ProxyState>) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" => {
@@ -102,11 +100,14 @@ fn answer(req: &Request<Incoming>, state: &ProxyState) -> Response<Full<Bytes>> 
                 )
             }
         }
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics_text(state),
-        ),
+        "/metrics" => match crate::metrics::encode(state) {
+            Ok(text) => (StatusCode::OK, crate::metrics::CONTENT_TYPE, text),
+            Err(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                "cannot encode the metrics\n".to_string(),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -119,97 +120,4 @@ fn answer(req: &Request<Incoming>, state: &ProxyState) -> Response<Full<Bytes>> 
         resp.headers_mut().insert(header::CONTENT_TYPE, v);
     }
     resp
-}
-
-fn metrics_text(state: &ProxyState) -> String {
-    let m = &state.metrics;
-    let mut s = String::new();
-    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-    let series: [(&str, &str, &str, u64); 10] = [
-        (
-            "auth_failures_total",
-            "counter",
-            "Requests answered 407: no or wrong proxy credentials.",
-            load(&m.auth_failures_total),
-        ),
-        (
-            "config_generation",
-            "gauge",
-            "The config generation in force (1 at start, one more per reload).",
-            state.live.load().generation,
-        ),
-        (
-            "connections_total",
-            "counter",
-            "Client connections accepted.",
-            load(&m.connections_total),
-        ),
-        (
-            "connections_active",
-            "gauge",
-            "Client connections open now.",
-            load(&m.connections_active),
-        ),
-        (
-            "tunnels_total",
-            "counter",
-            "CONNECTs tunnelled blind.",
-            load(&m.tunnels_total),
-        ),
-        (
-            "intercepts_total",
-            "counter",
-            "CONNECTs intercepted with the local CA.",
-            load(&m.intercepts_total),
-        ),
-        (
-            "refused_total",
-            "counter",
-            "Requests refused by policy or as malformed.",
-            load(&m.refused_total),
-        ),
-        (
-            "token_errors_total",
-            "counter",
-            "Requests answered 503 because no token could be had.",
-            load(&m.token_errors_total),
-        ),
-        (
-            "upstream_errors_total",
-            "counter",
-            "Requests answered 502/504 because the origin failed.",
-            load(&m.upstream_errors_total),
-        ),
-        (
-            "leaf_certificates_cached",
-            "gauge",
-            "Minted leaf certificates in the cache.",
-            state.ca.cached_leaves() as u64,
-        ),
-    ];
-    for (name, kind, help, v) in series {
-        let _ = writeln!(
-            s,
-            "# HELP impersonate_proxy_{name} {help}\n# TYPE impersonate_proxy_{name} {kind}\nimpersonate_proxy_{name} {v}"
-        );
-    }
-    let _ = writeln!(
-        s,
-        "# HELP impersonate_proxy_responses_total Responses by status class.\n# TYPE impersonate_proxy_responses_total counter"
-    );
-    for (class, n) in m.responses.iter().enumerate().skip(1) {
-        let _ = writeln!(
-            s,
-            "impersonate_proxy_responses_total{{class=\"{class}xx\"}} {}",
-            n.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
-        s,
-        "# HELP impersonate_proxy_reloads_total Config reloads, by result.\n# TYPE impersonate_proxy_reloads_total counter\nimpersonate_proxy_reloads_total{{result=\"ok\"}} {}\nimpersonate_proxy_reloads_total{{result=\"failed\"}} {}",
-        load(&state.reload.ok_total),
-        load(&state.reload.failed_total),
-    );
-    s.push_str(&state.engine.metrics_text());
-    s
 }

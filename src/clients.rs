@@ -362,27 +362,34 @@ impl ClientRef {
     /// The routes this client may use in `live`'s generation: a vector index when the
     /// generation is the one the client was admitted in, a lookup by name after a reload.
     pub fn allowed<'a>(&self, live: &'a Live) -> Result<&'a RouteSet, ProxyError> {
+        self.resolve(live).map(|(_, allowed)| allowed)
+    }
+
+    /// [`ClientRef::allowed`], and the client's index in `live`'s table (`None` when no
+    /// clients are configured): where its metrics series are.
+    fn resolve<'a>(&self, live: &'a Live) -> Result<(Option<usize>, &'a RouteSet), ProxyError> {
         let table = &live.clients;
         let Some(name) = &self.name else {
             if table.is_open() {
-                return Ok(&table.all);
+                return Ok((None, &table.all));
             }
             return Err(ProxyError::ClientGone(
                 "clients are configured now (a reload): open a new connection with proxy credentials".into(),
             ));
         };
-        let c = if self.generation == live.generation {
-            table.clients.get(self.index)
+        let index = if self.generation == live.generation {
+            Some(self.index).filter(|&i| i < table.clients.len())
         } else {
-            table
-                .by_name
-                .get(name)
-                .and_then(|&i| table.clients.get(i))
-                .filter(|c| c.fingerprint == self.fingerprint)
+            table.by_name.get(name).copied().filter(|&i| {
+                table
+                    .clients
+                    .get(i)
+                    .is_some_and(|c| c.fingerprint == self.fingerprint)
+            })
         };
-        match c {
-            Some(c) => Ok(&c.allowed),
-            None if table.is_open() => Ok(&table.all),
+        match index.and_then(|i| Some((i, table.clients.get(i)?))) {
+            Some((i, c)) => Ok((Some(i), &c.allowed)),
+            None if table.is_open() => Ok((None, &table.all)),
             None => Err(ProxyError::ClientGone(format!(
                 "client `{name}` was removed or its credentials changed (a reload): open a new connection"
             ))),
@@ -392,15 +399,30 @@ impl ClientRef {
 
 /// The route for a request from `client`: the first route matching host, path and method
 /// among those the client may use. A matching route the client may not use is a 403 naming
-/// both; no match at all is `None` (the `unmatched` policy decides).
+/// both; no match at all is `None` (the `unmatched` policy decides). Beside it, the client's
+/// index in `live` (`None`: no clients configured, or the client is gone), for its metrics.
 pub fn select(
     live: &Live,
     client: &ClientRef,
     host: &str,
     path: &str,
     method: &Method,
+) -> (Option<usize>, Result<Option<usize>, ProxyError>) {
+    let (index, allowed) = match client.resolve(live) {
+        Ok(r) => r,
+        Err(e) => return (None, Err(e)),
+    };
+    (index, find_route(live, client, allowed, host, path, method))
+}
+
+fn find_route(
+    live: &Live,
+    client: &ClientRef,
+    allowed: &RouteSet,
+    host: &str,
+    path: &str,
+    method: &Method,
 ) -> Result<Option<usize>, ProxyError> {
-    let allowed = client.allowed(live)?;
     if let Some(i) = live.routes.find_in(host, path, method, allowed) {
         return Ok(Some(i));
     }
@@ -438,8 +460,7 @@ pub async fn admit<B>(
         Err(e) => {
             let m = &state.metrics;
             m.auth_failures_total.fetch_add(1, Ordering::Relaxed);
-            m.refused_total.fetch_add(1, Ordering::Relaxed);
-            m.count_status(407);
+            m.refused(407);
             let target = req.uri().authority().map_or("-", |a| a.as_str());
             tracing::info!(
                 target: "impersonate_proxy::access",

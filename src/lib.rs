@@ -14,6 +14,8 @@
 //! - [`demo`]: the offline demo.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `POST /reload`.
 //! - [`clients`]: gateway mode: proxy authentication, and which routes each client may use.
+//! - [`metrics`]: `/metrics`: the counters and histograms, their label handles resolved when
+//!   the config compiles, and the OpenMetrics text.
 //! - [`reload`]: reloading the config (SIGHUP, `/reload`, the file watch) without dropping a
 //!   connection.
 //! - [`emulator`]: an offline IAM Credentials + OAuth2 + metadata server with Google's semantics.
@@ -31,6 +33,7 @@ pub mod demo;
 pub mod emulator;
 pub mod facade;
 pub mod metadata;
+pub mod metrics;
 pub mod onboard;
 pub mod origin;
 pub mod proxy;

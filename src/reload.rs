@@ -137,7 +137,7 @@ async fn reload_locked(state: &ProxyState) -> Result<Reloaded, ReloadError> {
     }
     let current = state.live.load_full();
     let generation = current.generation + 1;
-    let next = Live::compile(&config, &state.engine, generation)
+    let next = Live::compile(&config, &state.engine, &state.metrics, generation)
         .map_err(|e| ReloadError::Compile(e.to_string()))?;
     // Mint the identities new in this generation before anyone can be routed to them. (Those
     // the running generation has already are refreshed as they were, failing or not.)

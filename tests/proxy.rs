@@ -477,7 +477,9 @@ async fn admin_endpoints_report_health_readiness_and_metrics() {
         .unwrap();
     let m = get("/metrics").await.unwrap().text().await.unwrap();
     assert!(
-        m.contains("impersonate_proxy_responses_total{class=\"2xx\"} 1"),
+        m.contains(
+            "impersonate_proxy_requests_total{route=\"bigquery\",identity=\"jobs\",client=\"none\",method=\"read\",status=\"2xx\"} 1"
+        ),
         "{m}"
     );
     assert!(m.contains("impersonate_proxy_token_mints_total"), "{m}");

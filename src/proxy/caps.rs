@@ -14,9 +14,10 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use hyper_util::client::legacy::connect::{Connected, Connection};
@@ -25,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
 
 /// No place for a new upstream connection came free in time.
 #[derive(Debug, thiserror::Error)]
@@ -117,18 +119,40 @@ impl UpstreamCaps {
     }
 }
 
-/// An upstream socket and its places under the caps.
+/// An upstream socket and its places under the caps; counted as an open upstream connection
+/// while it lives.
 pub struct Capped {
     tcp: TcpStream,
     _places: Places,
+    metrics: Arc<Metrics>,
+    /// When the TCP connection was up: the TLS handshake is timed from here.
+    connected_at: Instant,
 }
 
 impl Capped {
-    pub fn new(tcp: TcpStream, places: Places) -> Capped {
+    pub fn new(tcp: TcpStream, places: Places, metrics: Arc<Metrics>) -> Capped {
+        metrics.upstream_total.fetch_add(1, Ordering::Relaxed);
+        metrics.upstream_open.fetch_add(1, Ordering::Relaxed);
         Capped {
             tcp,
             _places: places,
+            metrics,
+            connected_at: Instant::now(),
         }
+    }
+
+    pub fn connected_at(&self) -> Instant {
+        self.connected_at
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+impl Drop for Capped {
+    fn drop(&mut self) {
+        self.metrics.upstream_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -175,9 +175,8 @@ fn refuse(
     asked: Option<&http::uri::Authority>,
     e: &ProxyError,
 ) -> Response<Body> {
-    state.metrics.refused_total.fetch_add(1, Ordering::Relaxed);
     let status = e.status().as_u16();
-    state.metrics.count_status(status);
+    state.metrics.refused(status);
     let target = asked.map_or("-", http::uri::Authority::as_str);
     let outcome = if e.status().is_server_error() {
         "failed"
@@ -348,7 +347,8 @@ async fn tunnel(
     port: u16,
     state: &ProxyState,
 ) {
-    state.metrics.tunnels_total.fetch_add(1, Ordering::Relaxed);
+    let m = &state.metrics;
+    let _open = crate::metrics::Open::new(&m.tunnels_total, &m.tunnels_open);
     let started = std::time::Instant::now();
     let limits = &state.config.limits;
     let (end, up, down) = idle::tunnel(
@@ -360,6 +360,8 @@ async fn tunnel(
     )
     .await;
     let secs = started.elapsed().as_secs_f64();
+    m.tunnel_bytes_up.fetch_add(up, Ordering::Relaxed);
+    m.tunnel_bytes_down.fetch_add(down, Ordering::Relaxed);
     match end {
         TunnelEnd::Done(Ok(_)) => tracing::info!(
             target: "impersonate_proxy::access",
@@ -406,10 +408,8 @@ async fn intercept_tls<IO>(
         state,
         upstream,
     } = conn;
-    state
-        .metrics
-        .intercepts_total
-        .fetch_add(1, Ordering::Relaxed);
+    let m = &state.metrics;
+    let _open = crate::metrics::Open::new(&m.intercepts_total, &m.intercepts_open);
     let limits = &state.config.limits;
     let accepting = async {
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);

@@ -22,6 +22,7 @@ use super::upstream::UpstreamClient;
 use super::{Body, ProxyState};
 use crate::clients::ClientRef;
 use crate::config::{PlainHttp, Unmatched};
+use crate::metrics::{self, Metered, RequestSeries};
 
 /// Where the requests of one connection go: the CONNECT target (or the absolute-form URI's
 /// authority). Routing and the upstream authority come from here, never from the client's
@@ -111,11 +112,12 @@ pub(crate) async fn request(
     // One load of the routes, identities and clients in force: a reload during this request
     // does not change what it gets.
     let live = state.live.load_full();
-    let selected = crate::clients::select(&live, &target.client, &target.host, path, &method);
-    let route = match &selected {
-        Ok(index) => index.and_then(|i| live.targets.get(i)),
-        Err(_) => None,
-    };
+    let (client_index, selected) =
+        crate::clients::select(&live, &target.client, &target.host, path, &method);
+    let route_index = selected.as_ref().ok().copied().flatten();
+    let route = route_index.and_then(|i| live.targets.get(i));
+    // This request's metrics handles, compiled with the routes: no lookup by name, no lock.
+    let series = live.series.cell(route_index, client_index);
     let route_name = route.map_or("-", |r| r.name.as_str());
     let identity = route.and_then(|r| r.identity.as_deref()).unwrap_or("-");
     let target_sa = route
@@ -123,7 +125,10 @@ pub(crate) async fn request(
         .map_or("-", |s| s.spec().target.as_str());
 
     let result = match selected {
-        Ok(_) => forward(req, &target, route, &live, &state, &upstream).await,
+        Ok(_) => {
+            let metered = (series, started);
+            forward(req, &target, route, &live, &state, &upstream, metered).await
+        }
         Err(e) => Err(e),
     };
     let client_name = target.client.name();
@@ -145,13 +150,22 @@ pub(crate) async fn request(
         }
     };
     let status = resp.status().as_u16();
-    state.metrics.count_status(status);
+    let latency = started.elapsed();
+    series.count(
+        metrics::method_class(&method),
+        metrics::status_class(status),
+    );
+    series.route.headers.observe(latency);
+    if error.is_some() {
+        // A local answer: its small body is complete with its head.
+        series.route.complete.observe(latency);
+    }
     let bytes = resp
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("-");
-    let latency_us = started.elapsed().as_micros() as u64;
+    let latency_us = latency.as_micros() as u64;
     let source = state.engine.source_principal();
     // One access line per request; a refusal or failure says why, at warn.
     match error {
@@ -179,6 +193,7 @@ async fn forward(
     live: &super::Live,
     state: &ProxyState,
     upstream: &UpstreamClient,
+    (series, started): (&Arc<RequestSeries>, Instant),
 ) -> Result<Response<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     // One limit for both protocols: hyper enforces it on HTTP/1.1, h2 has only a size limit.
@@ -265,7 +280,7 @@ async fn forward(
         )
         .await
         .unwrap_or(false);
-    let mut body = Upload::new(body, client_version);
+    let mut body = Upload::new(body, client_version, series.clone());
     let mut continues = None;
     if expects {
         let signal = Arc::new(Continue::default());
@@ -302,7 +317,8 @@ async fn forward(
         tokio::spawn(join_upgraded(client, origin, target.host_port()));
     }
     let idle = state.config.upstream.body_idle_timeout;
-    Ok(resp.map(|b| super::idle::BodyIdle::new(b, idle).boxed()))
+    let series = series.clone();
+    Ok(resp.map(|b| Metered::new(super::idle::BodyIdle::new(b, idle), series, started).boxed()))
 }
 
 /// The protocol a client asks to switch to, if it asks the HTTP/1.1 way.

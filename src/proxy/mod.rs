@@ -38,7 +38,6 @@ mod upload;
 pub mod upstream;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -54,6 +53,7 @@ use arc_swap::ArcSwap;
 use crate::ca::CertificateAuthority;
 use crate::clients::ClientTable;
 use crate::config::Config;
+use crate::metrics::{ClientLabels, Metrics, RouteLabels, SeriesTable};
 use crate::routes::{Action, RouteTable};
 use crate::tokens::{TokenEngine, TokenSlot, TokenSpec};
 
@@ -70,29 +70,6 @@ pub(crate) struct RouteTarget {
     pub quota_project: Option<HeaderValue>,
 }
 
-/// Counters for `/metrics`.
-#[derive(Default)]
-pub struct Metrics {
-    pub connections_total: AtomicU64,
-    pub connections_active: AtomicU64,
-    pub tunnels_total: AtomicU64,
-    pub intercepts_total: AtomicU64,
-    pub refused_total: AtomicU64,
-    /// Responses by status class: 1xx..5xx at indexes 1..=5.
-    pub responses: [AtomicU64; 6],
-    pub token_errors_total: AtomicU64,
-    pub upstream_errors_total: AtomicU64,
-    /// Connections answered 407 (no or wrong proxy credentials).
-    pub auth_failures_total: AtomicU64,
-}
-
-impl Metrics {
-    pub(crate) fn count_status(&self, status: u16) {
-        let class = usize::from(status / 100).min(5);
-        self.responses[class].fetch_add(1, Ordering::Relaxed);
-    }
-}
-
 /// The part of the config a reload swaps: routes, the identities behind them, and clients.
 /// A request loads the current one once; a reload builds the next one beside it (its new
 /// identities warmed) and swaps it in, so requests in flight finish on the one they began
@@ -104,6 +81,8 @@ pub struct Live {
     pub routes: RouteTable,
     pub(crate) targets: Vec<RouteTarget>,
     pub clients: Arc<ClientTable>,
+    /// The metrics handles of these routes and clients, by route and client index.
+    pub series: SeriesTable,
 }
 
 impl Live {
@@ -111,6 +90,7 @@ impl Live {
     pub fn compile(
         config: &Config,
         engine: &TokenEngine,
+        metrics: &Metrics,
         generation: u64,
     ) -> Result<Live, ProxyError> {
         let routes = RouteTable::compile(config).map_err(|e| ProxyError::Config(e.to_string()))?;
@@ -156,11 +136,31 @@ impl Live {
             });
         }
         let clients = Arc::new(ClientTable::compile(config, routes.len()));
+        let route_labels: Vec<RouteLabels<'_>> = targets
+            .iter()
+            .map(|t| RouteLabels {
+                name: &t.name,
+                identity: t.identity.as_deref(),
+            })
+            .collect();
+        let client_labels: Vec<ClientLabels<'_>> = clients
+            .names()
+            .map(|name| {
+                let allowed = clients.allowed_for(name);
+                ClientLabels {
+                    name,
+                    may_use: Box::new(move |i| allowed.is_some_and(|a| a.contains(i))),
+                }
+            })
+            .collect();
+        let series = metrics.compile(&route_labels, &client_labels);
+        drop((route_labels, client_labels));
         Ok(Live {
             generation,
             routes,
             targets,
             clients,
+            series,
         })
     }
 
@@ -190,7 +190,8 @@ pub struct ProxyState {
     pub(crate) caps: Arc<caps::UpstreamCaps>,
     /// What each origin negotiated, as the workers' upstream connectors find out.
     pub(crate) protocols: Arc<upstream::Protocols>,
-    pub metrics: Metrics,
+    /// Shared with the upstream clients, which count and time their connections.
+    pub metrics: Arc<Metrics>,
     /// Caps concurrent client connections (`limits.max_connections`).
     pub(crate) connections: Arc<Semaphore>,
     /// Bumped when the cap is reached: every idle connection closes (`idle.rs`).
@@ -205,7 +206,8 @@ impl ProxyState {
         ca: CertificateAuthority,
         engine: Arc<TokenEngine>,
     ) -> Result<Arc<ProxyState>, ProxyError> {
-        let live = Live::compile(&config, &engine, 1)?;
+        let metrics = Arc::new(Metrics::default());
+        let live = Live::compile(&config, &engine, &metrics, 1)?;
         let upstream_tls = upstream::tls_config(&config.upstream)?;
         // Read once: the hosts file's mappings of routed hosts count as deliberate
         // (destination.rs).
@@ -229,7 +231,7 @@ impl ProxyState {
             destinations,
             caps,
             protocols: Arc::default(),
-            metrics: Metrics::default(),
+            metrics,
             connections,
             reclaim: watch::Sender::new(0),
             reload: crate::reload::Reload::default(),
@@ -373,6 +375,7 @@ async fn accept_loop(
         state.destinations.clone(),
         state.caps.clone(),
         state.protocols.clone(),
+        state.metrics.clone(),
     ));
     loop {
         // Take a permit before accepting while there are free ones. At the cap, accept one

@@ -259,7 +259,7 @@ fn redirected_from(_client: &TcpStream) -> Option<SocketAddr> {
 fn closed(state: &ProxyState, peer: SocketAddr, target: &str, reason: &str) {
     state
         .metrics
-        .refused_total
+        .transparent_closed_total
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         target: "impersonate_proxy::access",

@@ -34,6 +34,8 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
+use crate::metrics::RequestSeries;
+
 /// How long a dropped upload is read and discarded before the connection is given up.
 pub const LINGER_TIME: Duration = Duration::from_secs(5);
 /// How many bytes of a dropped upload are read and discarded at most.
@@ -85,16 +87,21 @@ pub struct Upload {
     started: bool,
     /// The body reached its end (or failed): there is nothing left to drain.
     done: bool,
+    /// Bytes passed upstream so far, added to `series` once, when the upload is dropped.
+    bytes: u64,
+    series: Arc<RequestSeries>,
 }
 
 impl Upload {
-    pub fn new(body: Incoming, version: http::Version) -> Self {
+    pub fn new(body: Incoming, version: http::Version, series: Arc<RequestSeries>) -> Self {
         Upload {
             inner: Some(body),
             gate: None,
             linger: version <= http::Version::HTTP_11,
             started: false,
             done: false,
+            bytes: 0,
+            series,
         }
     }
 
@@ -128,8 +135,12 @@ impl Body for Upload {
         }
         this.started = true;
         let polled = Pin::new(inner).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.done = true;
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => this.done = true,
+            Poll::Pending => {}
         }
         polled
     }
@@ -147,6 +158,9 @@ impl Body for Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
+        self.series
+            .request_bytes
+            .fetch_add(self.bytes, Ordering::Relaxed);
         let Some(body) = self.inner.take() else {
             return;
         };

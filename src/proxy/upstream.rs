@@ -38,6 +38,7 @@ use super::headers::{self, RequestedUpgrade};
 use super::multiplex::Multiplex;
 use super::upload::Upload;
 use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
 
 type Tls = hyper_rustls::HttpsConnector<Dialer>;
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -152,11 +153,13 @@ fn key(host: &str, port: u16) -> String {
     format!("{}:{port}", host.to_ascii_lowercase())
 }
 
-/// hyper-rustls' connector, noting what each new connection negotiated.
+/// hyper-rustls' connector, noting what each new connection negotiated and timing its TLS
+/// handshake.
 #[derive(Clone)]
 pub struct Connector {
     tls: Tls,
     protocols: Arc<Protocols>,
+    metrics: Arc<Metrics>,
 }
 
 impl Service<http::Uri> for Connector {
@@ -175,9 +178,14 @@ impl Service<http::Uri> for Connector {
         });
         let origin = key(uri.host().unwrap_or_default(), port);
         let protocols = self.protocols.clone();
+        let metrics = self.metrics.clone();
         let connecting = self.tls.call(uri);
         Box::pin(async move {
             let conn = connecting.await?;
+            if let MaybeHttpsStream::Https(tls) = &conn {
+                let tcp = tls.inner().get_ref().0.inner().inner();
+                metrics.upstream_tls.observe(tcp.connected_at().elapsed());
+            }
             protocols.note(origin, conn.connected().is_negotiated_h2());
             Ok(conn)
         })
@@ -217,6 +225,7 @@ impl Overrides {
 pub struct Dialer {
     destinations: Arc<Destinations>,
     caps: Arc<UpstreamCaps>,
+    metrics: Arc<Metrics>,
 }
 
 impl Service<http::Uri> for Dialer {
@@ -236,12 +245,19 @@ impl Service<http::Uri> for Dialer {
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
         let destinations = self.destinations.clone();
         let caps = self.caps.clone();
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             // A place under the caps first: a request queued here takes any pooled
             // connection that comes free meanwhile.
             let places = caps.acquire(key(&host, port)).await?;
+            let began = std::time::Instant::now();
             let tcp = destinations.dial(&host, port).await?;
-            Ok(TokioIo::new(Capped::new(tcp, places)))
+            let capped = Capped::new(tcp, places, metrics);
+            capped
+                .metrics()
+                .upstream_connect
+                .observe(capped.connected_at().saturating_duration_since(began));
+            Ok(TokioIo::new(capped))
         })
     }
 }
@@ -293,8 +309,13 @@ pub fn client(
     destinations: Arc<Destinations>,
     caps: Arc<UpstreamCaps>,
     protocols: Arc<Protocols>,
+    metrics: Arc<Metrics>,
 ) -> UpstreamClient {
-    let dialer = Dialer { destinations, caps };
+    let dialer = Dialer {
+        destinations,
+        caps,
+        metrics: metrics.clone(),
+    };
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -303,6 +324,7 @@ pub fn client(
     let connector = Connector {
         tls: https,
         protocols: protocols.clone(),
+        metrics,
     };
     let mut builder = Client::builder(TokioExecutor::new());
     builder

@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
@@ -30,6 +30,8 @@ struct Current {
     /// Served until then; past it the token is too close to expiry to hand out.
     serve_until: Instant,
     refresh_at: Instant,
+    /// When the token expires, on the wall clock (for `/metrics`).
+    expires_at: SystemTime,
 }
 
 struct Failure {
@@ -38,11 +40,12 @@ struct Failure {
     attempts: u32,
 }
 
+/// Engine-wide token metrics; mints are counted per slot ([`TokenSlot::mints`]).
 #[derive(Default)]
 pub struct TokenMetrics {
-    pub mints_total: AtomicU64,
-    pub mint_failures_total: AtomicU64,
     pub refreshes_total: AtomicU64,
+    /// Each mint's duration: the source credential and the IAM call.
+    pub iam: crate::metrics::Histogram,
 }
 
 /// One cache entry, shared by every route that uses the same spec.
@@ -57,6 +60,9 @@ pub struct TokenSlot {
     minter: Arc<dyn Mint>,
     settings: Settings,
     metrics: Arc<TokenMetrics>,
+    /// Mints that succeeded and failed, for `/metrics`.
+    mints_ok: AtomicU64,
+    mints_failed: AtomicU64,
 }
 
 impl TokenSlot {
@@ -75,6 +81,8 @@ impl TokenSlot {
             minter,
             settings,
             metrics,
+            mints_ok: AtomicU64::new(0),
+            mints_failed: AtomicU64::new(0),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(refresher(Arc::downgrade(&slot), slot.wake.clone()));
@@ -125,6 +133,19 @@ impl TokenSlot {
         Ok((header, left))
     }
 
+    /// Mints that succeeded and that failed, since the slot was created.
+    pub fn mints(&self) -> (u64, u64) {
+        (
+            self.mints_ok.load(Ordering::Relaxed),
+            self.mints_failed.load(Ordering::Relaxed),
+        )
+    }
+
+    /// When the token held now expires (whether or not it may still be served).
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.current.load().as_deref().map(|c| c.expires_at)
+    }
+
     /// Is there a token that may be served now?
     pub fn is_ready(&self) -> bool {
         self.try_current().is_some()
@@ -154,8 +175,10 @@ impl TokenSlot {
 
     /// Call IAM; the caller holds the mint lock.
     async fn mint_locked(&self) -> Result<HeaderValue, TokenError> {
-        self.metrics.mints_total.fetch_add(1, Ordering::Relaxed);
-        let result = self.minter.mint(&self.spec).await.and_then(|m| {
+        let began = std::time::Instant::now();
+        let minted = self.minter.mint(&self.spec).await;
+        self.metrics.iam.observe(began.elapsed());
+        let result = minted.and_then(|m| {
             let mut header =
                 HeaderValue::from_str(&format!("Bearer {}", m.token)).map_err(|_| {
                     TokenError::Transport {
@@ -215,7 +238,11 @@ impl TokenSlot {
                     header: header.clone(),
                     serve_until: now + timing.serve_for,
                     refresh_at: now + room - jitter,
+                    expires_at: SystemTime::now()
+                        .checked_add(life)
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
                 })));
+                self.mints_ok.fetch_add(1, Ordering::Relaxed);
                 if let Ok(mut f) = self.failure.lock() {
                     *f = None;
                 }
@@ -223,9 +250,7 @@ impl TokenSlot {
                 Ok(header)
             }
             Err(error) => {
-                self.metrics
-                    .mint_failures_total
-                    .fetch_add(1, Ordering::Relaxed);
+                self.mints_failed.fetch_add(1, Ordering::Relaxed);
                 let attempts = self
                     .failure
                     .lock()

@@ -11,7 +11,6 @@ pub mod source;
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -338,22 +337,14 @@ impl TokenEngine {
         &self.principal
     }
 
-    /// Prometheus lines for `/metrics`.
-    pub fn metrics_text(&self) -> String {
-        let m = &self.metrics;
-        let ready = self.slots.iter().filter(|e| e.value().is_ready()).count();
-        format!(
-            "# HELP impersonate_proxy_token_mints_total IAM mint attempts.\n# TYPE impersonate_proxy_token_mints_total counter\nimpersonate_proxy_token_mints_total {}\n\
-             # HELP impersonate_proxy_token_mint_failures_total Failed IAM mint attempts.\n# TYPE impersonate_proxy_token_mint_failures_total counter\nimpersonate_proxy_token_mint_failures_total {}\n\
-             # HELP impersonate_proxy_token_refreshes_total Background refreshes.\n# TYPE impersonate_proxy_token_refreshes_total counter\nimpersonate_proxy_token_refreshes_total {}\n\
-             # HELP impersonate_proxy_token_slots Token cache entries.\n# TYPE impersonate_proxy_token_slots gauge\nimpersonate_proxy_token_slots {}\n\
-             # HELP impersonate_proxy_token_slots_ready Entries with a servable token.\n# TYPE impersonate_proxy_token_slots_ready gauge\nimpersonate_proxy_token_slots_ready {}\n",
-            m.mints_total.load(Ordering::Relaxed),
-            m.mint_failures_total.load(Ordering::Relaxed),
-            m.refreshes_total.load(Ordering::Relaxed),
-            self.slots.len(),
-            ready,
-        )
+    /// Every cache entry now (for `/metrics`).
+    pub fn slots(&self) -> Vec<Arc<TokenSlot>> {
+        self.slots.iter().map(|e| e.value().clone()).collect()
+    }
+
+    /// `tokens.safety_window`.
+    pub fn safety_window(&self) -> Duration {
+        self.settings.safety_window
     }
 }
 

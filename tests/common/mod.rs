@@ -243,3 +243,37 @@ pub async fn spawn_printing_port(
     let port: u16 = line.trim().parse().unwrap();
     (child, SocketAddr::from(([127, 0, 0, 1], port)))
 }
+
+/// A config file for the running sandbox: its restart-only settings as they are, with
+/// `rest` (identities, routes, clients) after them.
+pub fn config_file(c: &Config, rest: &str) -> String {
+    let mut s = format!("listen: {}\n", c.listen);
+    match c.admin {
+        Some(a) => s.push_str(&format!("admin: {a}\n")),
+        None => s.push_str("admin: null\n"),
+    }
+    s.push_str(&format!(
+        "ca: {{ cert: \"{}\", key: \"{}\" }}\n",
+        c.ca.cert.display(),
+        c.ca.key.display()
+    ));
+    if let impersonate_proxy::config::SourceConfig::File(p) = &c.source {
+        s.push_str(&format!("source: {{ file: \"{}\" }}\n", p.display()));
+    }
+    s.push_str(&format!("iam: {{ endpoint: \"{}\" }}\n", c.iam.endpoint));
+    s.push_str("upstream:\n  system_roots: false\n  extra_roots:\n");
+    for r in &c.upstream.extra_roots {
+        s.push_str(&format!("    - \"{}\"\n", r.display()));
+    }
+    s.push_str("  resolve:\n");
+    for (k, v) in &c.upstream.resolve {
+        s.push_str(&format!("    \"{k}\": \"{v}\"\n"));
+    }
+    s.push_str(&format!(
+        "tokens: {{ jitter: 1s, safety_window: 5s }}\nreload: {{ watch: {}, interval: {}ms }}\n",
+        c.reload.watch,
+        c.reload.interval.as_millis()
+    ));
+    s.push_str(rest);
+    s
+}
