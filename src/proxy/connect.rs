@@ -113,9 +113,14 @@ pub(crate) fn spawn_client(
             // On shutdown, when idle, or idle at the cap: finish the request in flight, then
             // close. An upgraded CONNECT has already left this future and lives on its own.
             let reclaim = state.reclaim.subscribe();
-            let result = idle::serve(conn, stop, reclaim, &activity, limits.idle_timeout, |c| {
-                c.graceful_shutdown()
-            })
+            let result = idle::serve(
+                Box::pin(conn),
+                stop,
+                reclaim,
+                &activity,
+                limits.idle_timeout,
+                |c| c.graceful_shutdown(),
+            )
             .await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "client connection ended with an error");
@@ -493,6 +498,8 @@ async fn intercept_tls<IO>(
             .adaptive_window(true)
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
             .serve_connection(io, svc);
+        // Boxed before the task captures it, so that it is held once (see `idle::serve`).
+        let conn = Box::pin(conn);
         tokio::spawn(
             async move {
                 let result = idle::serve(conn, stop, reclaim, &activity, idle_timeout, |c| {
@@ -512,6 +519,7 @@ async fn intercept_tls<IO>(
             .keep_alive(true)
             .serve_connection(io, svc)
             .with_upgrades();
+        let conn = Box::pin(conn);
         tokio::spawn(
             async move {
                 let result = idle::serve(conn, stop, reclaim, &activity, idle_timeout, |c| {
