@@ -192,11 +192,8 @@ fn tokio_stream_from<T>(mut rx: tokio::sync::mpsc::Receiver<T>) -> impl Stream<I
 async fn grpc_sandbox(policy: &str) -> (Sandbox, Arc<Seen>) {
     let (addr, ca, seen) = grpc_origin().await;
     let sb = Sandbox::start(any_port(), policy, move |c: &mut Config| {
-        let ca_path = std::env::temp_dir().join(format!(
-            "grpc-ca-{}-{}.pem",
-            std::process::id(),
-            addr.port()
-        ));
+        // In the sandbox's own directory (beside its CA), which it removes when it stops.
+        let ca_path = c.ca.cert.with_file_name("grpc-origin-ca.pem");
         std::fs::write(&ca_path, &ca).unwrap();
         c.upstream.extra_roots.push(ca_path);
         c.upstream.resolve.insert(format!("{HOST}:443"), addr);
