@@ -195,6 +195,21 @@ fn authority_of(
     default_port: Option<u16>,
     state: &ProxyState,
 ) -> Result<(String, u16), ProxyError> {
+    let (host, port) = host_port(uri, default_port)?;
+    if !state.config.allowed_ports.contains(&port) {
+        return Err(ProxyError::Refused(format!(
+            "port {port} is not in allowed_ports"
+        )));
+    }
+    Ok((host, port))
+}
+
+/// Host (lower-case, no trailing dot) and port of a request-target, `default_port` when it
+/// names none.
+pub(crate) fn host_port(
+    uri: &http::Uri,
+    default_port: Option<u16>,
+) -> Result<(String, u16), ProxyError> {
     let auth = uri
         .authority()
         .ok_or_else(|| ProxyError::BadRequest("request has no host".into()))?;
@@ -206,11 +221,6 @@ fn authority_of(
         .port_u16()
         .or(default_port)
         .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {auth}: a port is required")))?;
-    if !state.config.allowed_ports.contains(&port) {
-        return Err(ProxyError::Refused(format!(
-            "port {port} is not in allowed_ports"
-        )));
-    }
     Ok((host, port))
 }
 

@@ -113,7 +113,7 @@ pub(crate) fn check_authority(
 /// `authority` names the expected host and port (case-insensitively, a trailing dot and a
 /// default port allowed); anything else is a 421, or a 400 when it is no authority at all.
 /// Runs on every request, so it splits the text in place rather than parsing a `Uri`.
-fn names_target(authority: &str, expected: &Expected<'_>) -> Result<(), ProxyError> {
+pub(crate) fn names_target(authority: &str, expected: &Expected<'_>) -> Result<(), ProxyError> {
     let malformed = || ProxyError::BadRequest("the request's authority is malformed".into());
     let (host, port) = match authority.strip_prefix('[') {
         // An IPv6 literal: `[addr]` or `[addr]:port`.
