@@ -217,10 +217,21 @@ pub(crate) fn host_port(
     if host.is_empty() {
         return Err(ProxyError::BadRequest("request has an empty host".into()));
     }
-    let port = auth
-        .port_u16()
-        .or(default_port)
-        .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {auth}: a port is required")))?;
+    // The text after the host: the http crate's `port_u16` is `None` for a port that is not
+    // a number (`:80z80`), as for no port at all, and that must not become the default.
+    let after_host = auth
+        .as_str()
+        .rsplit('@')
+        .next()
+        .and_then(|h| h.strip_prefix(auth.host()))
+        .unwrap_or_default();
+    let port = match after_host.strip_prefix(':').filter(|p| !p.is_empty()) {
+        Some(p) => p
+            .parse::<u16>()
+            .map_err(|_| ProxyError::BadRequest(format!("{auth}: the port is not a number")))?,
+        None => default_port
+            .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {auth}: a port is required")))?,
+    };
     Ok((host, port))
 }
 
@@ -509,6 +520,38 @@ async fn handshake(
             // Most often the client does not trust the proxy's CA: say so where users look.
             tracing::info!(target: "impersonate_proxy::access", client = %peer, host, port, reason = %e, "TLS handshake with the client failed");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `request_target` fuzz target: `http://example.com:80z80/` (the http crate
+    /// takes it, with no port number) was forwarded to port 80.
+    #[test]
+    fn a_port_that_is_no_number_is_refused_not_defaulted() {
+        for (target, default) in [
+            ("http://example.com:80z80/x", Some(80)),
+            ("http://example.com:99999/x", Some(80)),
+            ("example.com:4x3", None),
+            ("[::1]:44x3", None),
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            let e = host_port(&uri, default).unwrap_err();
+            assert_eq!(e.status(), 400, "{target}");
+        }
+        for (target, default, port) in [
+            ("http://example.com/x", Some(80), 80),
+            ("http://example.com:/x", Some(80), 80),
+            ("http://u:p@example.com:8080/x", Some(80), 8080),
+            ("example.com:443", None, 443),
+            ("[::1]:8443", None, 8443),
+            ("http://[::1]/", Some(80), 80),
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            assert_eq!(host_port(&uri, default).unwrap().1, port, "{target}");
         }
     }
 }
