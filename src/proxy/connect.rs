@@ -225,11 +225,15 @@ pub(crate) fn host_port(
         .next()
         .and_then(|h| h.strip_prefix(auth.host()))
         .unwrap_or_default();
-    let port = match after_host.strip_prefix(':').filter(|p| !p.is_empty()) {
-        Some(p) => p
+    let port = match after_host.strip_prefix(':') {
+        Some(p) if !p.is_empty() => p
             .parse::<u16>()
             .map_err(|_| ProxyError::BadRequest(format!("{auth}: the port is not a number")))?,
-        None => default_port
+        // `[::1]exam`: the http crate takes text after an IPv6 literal's bracket.
+        None if !after_host.is_empty() => {
+            return Err(ProxyError::BadRequest(format!("{auth}: not an authority")))
+        }
+        _ => default_port
             .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {auth}: a port is required")))?,
     };
     Ok((host, port))
@@ -537,6 +541,9 @@ mod tests {
             ("http://example.com:99999/x", Some(80)),
             ("example.com:4x3", None),
             ("[::1]:44x3", None),
+            // Found by the fuzz target too: text after an IPv6 literal's bracket.
+            ("http://[::1]exam/", Some(80)),
+            ("[::1]443", None),
         ] {
             let uri: http::Uri = target.parse().unwrap();
             let e = host_port(&uri, default).unwrap_err();
