@@ -23,6 +23,8 @@
 //! - [`onboard`]: `env`: the lines and files each client family needs to use and trust the proxy.
 //! - [`metadata`]: the GCE metadata-server protocol, served by the emulator and the facade.
 //! - [`origin`]: a local TLS origin standing in for `*.googleapis.com` (demo, tests, benches).
+//! - `fuzzing`: doors for the fuzz targets under `fuzz/` to parsers private to their modules;
+//!   hidden, not an API.
 
 pub mod admin;
 pub mod ca;
@@ -32,6 +34,8 @@ pub mod config;
 pub mod demo;
 pub mod emulator;
 pub mod facade;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metadata;
 pub mod metrics;
 pub mod onboard;

@@ -258,7 +258,9 @@ impl RouteTable {
 
     /// The route lists of every `*.suffix` pattern that covers `host`.
     fn suffixes<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Vec<usize>> + 'a {
+        // Not from a leading dot: an empty label is no subdomain.
         host.match_indices('.')
+            .filter(|(i, _)| *i > 0)
             .filter_map(move |(i, _)| self.suffix.get(&host[i + 1..]))
     }
 
@@ -387,6 +389,17 @@ mod tests {
         assert!(!t.routes_host("googleapis.com.evil.net"));
         assert!(t.routes_host("x.googleapis.com"));
         assert!(t.routes_host("x.googleapis.com."));
+    }
+
+    /// Found by the `routes` fuzz target: `.googleapis.com` (a CONNECT to it, an empty first
+    /// label) was taken as a subdomain of `*.googleapis.com`, intercepted and given its token.
+    #[test]
+    fn a_leading_dot_is_no_subdomain() {
+        let t = table("  - { host: '*.googleapis.com', identity: a }\n");
+        for host in [".googleapis.com", ".googleapis.com."] {
+            assert!(!t.routes_host(host), "{host}");
+            assert_eq!(t.find(host, "/", &Method::GET), None, "{host}");
+        }
     }
 
     #[test]

@@ -203,6 +203,21 @@ fn authority_of(
     default_port: Option<u16>,
     state: &ProxyState,
 ) -> Result<(String, u16), ProxyError> {
+    let (host, port) = host_port(uri, default_port)?;
+    if !state.config.allowed_ports.contains(&port) {
+        return Err(ProxyError::Refused(format!(
+            "port {port} is not in allowed_ports"
+        )));
+    }
+    Ok((host, port))
+}
+
+/// Host (lower-case, no trailing dot) and port of a request-target, `default_port` when it
+/// names none.
+pub(crate) fn host_port(
+    uri: &http::Uri,
+    default_port: Option<u16>,
+) -> Result<(String, u16), ProxyError> {
     let auth = uri
         .authority()
         .ok_or_else(|| ProxyError::BadRequest("request has no host".into()))?;
@@ -210,15 +225,25 @@ fn authority_of(
     if host.is_empty() {
         return Err(ProxyError::BadRequest("request has an empty host".into()));
     }
-    let port = auth
-        .port_u16()
-        .or(default_port)
-        .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {auth}: a port is required")))?;
-    if !state.config.allowed_ports.contains(&port) {
-        return Err(ProxyError::Refused(format!(
-            "port {port} is not in allowed_ports"
-        )));
-    }
+    // The text after the host: the http crate's `port_u16` is `None` for a port that is not
+    // a number (`:80z80`), as for no port at all, and that must not become the default.
+    let after_host = auth
+        .as_str()
+        .rsplit('@')
+        .next()
+        .and_then(|h| h.strip_prefix(auth.host()))
+        .unwrap_or_default();
+    let port = match after_host.strip_prefix(':') {
+        Some(p) if !p.is_empty() => p
+            .parse::<u16>()
+            .map_err(|_| ProxyError::BadRequest(format!("{auth}: the port is not a number")))?,
+        // `[::1]exam`: the http crate takes text after an IPv6 literal's bracket.
+        None if !after_host.is_empty() => {
+            return Err(ProxyError::BadRequest(format!("{auth}: not an authority")))
+        }
+        _ => default_port
+            .ok_or_else(|| ProxyError::BadRequest(format!("CONNECT {auth}: a port is required")))?,
+    };
     Ok((host, port))
 }
 
@@ -581,6 +606,41 @@ where
             // Most often the client does not trust the proxy's CA: say so where users look.
             tracing::info!(target: "impersonate_proxy::access", client = %peer, host, port, reason = %e, "TLS handshake with the client failed");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `request_target` fuzz target: `http://example.com:80z80/` (the http crate
+    /// takes it, with no port number) was forwarded to port 80.
+    #[test]
+    fn a_port_that_is_no_number_is_refused_not_defaulted() {
+        for (target, default) in [
+            ("http://example.com:80z80/x", Some(80)),
+            ("http://example.com:99999/x", Some(80)),
+            ("example.com:4x3", None),
+            ("[::1]:44x3", None),
+            // Found by the fuzz target too: text after an IPv6 literal's bracket.
+            ("http://[::1]exam/", Some(80)),
+            ("[::1]443", None),
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            let e = host_port(&uri, default).unwrap_err();
+            assert_eq!(e.status(), 400, "{target}");
+        }
+        for (target, default, port) in [
+            ("http://example.com/x", Some(80), 80),
+            ("http://example.com:/x", Some(80), 80),
+            ("http://u:p@example.com:8080/x", Some(80), 8080),
+            ("example.com:443", None, 443),
+            ("[::1]:8443", None, 8443),
+            ("http://[::1]/", Some(80), 80),
+        ] {
+            let uri: http::Uri = target.parse().unwrap();
+            assert_eq!(host_port(&uri, default).unwrap().1, port, "{target}");
         }
     }
 }

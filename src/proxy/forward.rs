@@ -71,13 +71,18 @@ impl Target {
         })
     }
 
+    /// The authority every upstream request of this connection carries.
+    pub(crate) fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
     /// `host:port`, for messages and access lines.
     pub fn host_port(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
 
     /// What the requests on this connection must name as their authority.
-    fn expected(&self) -> headers::Expected<'_> {
+    pub(crate) fn expected(&self) -> headers::Expected<'_> {
         headers::Expected {
             host: &self.host,
             port: self.port,

@@ -113,33 +113,34 @@ pub(crate) fn check_authority(
 /// `authority` names the expected host and port (case-insensitively, a trailing dot and a
 /// default port allowed); anything else is a 421, or a 400 when it is no authority at all.
 /// Runs on every request, so it splits the text in place rather than parsing a `Uri`.
-fn names_target(authority: &str, expected: &Expected<'_>) -> Result<(), ProxyError> {
+pub(crate) fn names_target(authority: &str, expected: &Expected<'_>) -> Result<(), ProxyError> {
     let malformed = || ProxyError::BadRequest("the request's authority is malformed".into());
     let (host, port) = match authority.strip_prefix('[') {
-        // An IPv6 literal: `[addr]` or `[addr]:port`.
+        // An IPv6 literal: `[addr]` or `[addr]:port`. The brackets stay on the host, as on
+        // the target's (the CONNECT authority's host).
         Some(rest) => {
-            let (host, after) = rest.split_once(']').ok_or_else(malformed)?;
-            (
-                host,
-                after
-                    .strip_prefix(':')
-                    .or(Some(after))
-                    .filter(|p| !p.is_empty()),
-            )
+            let (addr, after) = rest.split_once(']').ok_or_else(malformed)?;
+            let port = match after {
+                "" => None,
+                _ => Some(after.strip_prefix(':').ok_or_else(malformed)?),
+            };
+            (&authority[..addr.len() + 2], port)
         }
         None => match authority.rsplit_once(':') {
             Some((host, port)) => (host, Some(port)),
             None => (authority, None),
         },
     };
-    let port = match port {
+    // An empty port is the default one (RFC 3986 §6.2.3), as the request-target's is.
+    let port = match port.filter(|p| !p.is_empty()) {
         Some(p) => p.parse::<u16>().map_err(|_| malformed())?,
         None => expected.default_port,
     };
     if host.is_empty() {
         return Err(malformed());
     }
-    let host = host.strip_suffix('.').unwrap_or(host);
+    // Trailing dots go as the target's went (`connect::host_port`).
+    let host = host.trim_end_matches('.');
     if host.eq_ignore_ascii_case(expected.host) && port == expected.port {
         return Ok(());
     }
@@ -335,9 +336,9 @@ mod tests {
             let e = check_authority(&mut p, &TARGET).unwrap_err();
             assert_eq!(e.status(), 400, "{host}");
         }
-        // IPv6 literals split at their brackets.
+        // IPv6 literals split at their brackets (the target's host keeps them).
         let v6 = Expected {
-            host: "::1",
+            host: "[::1]",
             port: 8443,
             default_port: 443,
             host_ignored: false,
@@ -367,6 +368,58 @@ mod tests {
             &[("host", "a"), ("host", "b")],
         );
         assert_eq!(check_authority(&mut p, &plain).unwrap_err().status(), 400);
+    }
+
+    /// Found by the `request_target` fuzz target: a CONNECT to an IPv6 literal keeps the
+    /// brackets in the target's host (`[::1]`), and a request naming the target as it must
+    /// (`[::1]:8443`, or the upstream authority) got 421; `[::1]8443`, not an authority, was
+    /// read as port 8443.
+    #[test]
+    fn an_ipv6_literal_target_is_named_with_its_brackets() {
+        let uri: http::Uri = "[::1]:8443".parse().unwrap();
+        let (host, port) = super::super::connect::host_port(&uri, None).unwrap();
+        let target = super::super::forward::Target::new(host, port, true).unwrap();
+        let expected = target.expected();
+        for ok in ["[::1]:8443", target.authority().as_str()] {
+            names_target(ok, &expected).unwrap();
+        }
+        for other in ["[::1]", "[::1]:", "[::2]:8443", "::1:8443"] {
+            assert_eq!(
+                names_target(other, &expected).unwrap_err().status(),
+                421,
+                "{other}"
+            );
+        }
+        for bad in ["[::1]8443", "[::1]x", "[::1"] {
+            assert_eq!(
+                names_target(bad, &expected).unwrap_err().status(),
+                400,
+                "{bad}"
+            );
+        }
+    }
+
+    /// Found by the `request_target` fuzz target: `CONNECT a..:443` is the target `a` (every
+    /// trailing dot goes), but a request naming `a..:443` lost one dot only, and got 421.
+    #[test]
+    fn trailing_dots_go_as_the_targets_did() {
+        let uri: http::Uri = "a..:443".parse().unwrap();
+        let (host, port) = super::super::connect::host_port(&uri, None).unwrap();
+        let target = super::super::forward::Target::new(host, port, true).unwrap();
+        for ok in ["a..:443", "a.", "A..."] {
+            names_target(ok, &target.expected()).unwrap();
+        }
+    }
+
+    /// Found by the `request_target` fuzz target: an empty port (`host:`) is the default port
+    /// in a request-target, and was a 400 in `Host`.
+    #[test]
+    fn an_empty_port_is_the_default_one() {
+        for ok in ["storage.googleapis.com:", "[::1]:"] {
+            let host = ok.trim_end_matches(':');
+            let target = super::super::forward::Target::new(host.into(), 443, true).unwrap();
+            names_target(ok, &target.expected()).unwrap();
+        }
     }
 
     #[test]

@@ -24,11 +24,11 @@
 //! - `error.rs`: [`ProxyError`] and its response.
 
 mod caps;
-mod connect;
+pub(crate) mod connect;
 pub(crate) mod destination;
 pub mod error;
-mod forward;
-mod headers;
+pub(crate) mod forward;
+pub(crate) mod headers;
 mod idle;
 mod memory;
 mod multiplex;
