@@ -93,6 +93,18 @@ pub struct Sandbox {
     pub server: Server,
     pub config: Config,
     pub dir: PathBuf,
+    /// Removes `dir` (the CA key and credentials in it included) however the sandbox ends:
+    /// by `shutdown`, or dropped by a test that stops early.
+    _remove_dir: RemoveDir,
+}
+
+/// A directory removed when this drops.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 impl Sandbox {
@@ -159,6 +171,7 @@ impl Sandbox {
             origin,
             server,
             config,
+            _remove_dir: RemoveDir(dir.clone()),
             dir,
         })
     }
