@@ -514,7 +514,13 @@ async fn intercept_tls<IO>(
     // in this task kept the CONNECT and handshake states, and the other protocol's, beside
     // every idle keep-alive session (benches/idle.rs: 36.2 KiB a connection before, see the
     // README for after).
-    let (reclaim, idle_timeout) = (state.reclaim.subscribe(), limits.idle_timeout);
+    let session = Session {
+        stop,
+        reclaim: state.reclaim.subscribe(),
+        activity,
+        idle_timeout: limits.idle_timeout,
+        permit,
+    };
     let io = TokioIo::new(tls);
     if io.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -523,18 +529,7 @@ async fn intercept_tls<IO>(
             .adaptive_window(true)
             .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
             .serve_connection(io, svc);
-        // Boxed before the task captures it, so that it is held once (see `idle::serve`).
-        let conn = Box::pin(conn);
-        tokio::spawn(
-            async move {
-                let result = idle::serve(conn, stop, reclaim, &activity, idle_timeout, |c| {
-                    c.graceful_shutdown()
-                })
-                .await;
-                session_ended(result, permit);
-            }
-            .in_current_span(),
-        );
+        session.spawn(Box::pin(conn), |c| c.graceful_shutdown());
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -544,26 +539,49 @@ async fn intercept_tls<IO>(
             .keep_alive(true)
             .serve_connection(io, svc)
             .with_upgrades();
-        let conn = Box::pin(conn);
+        session.spawn(Box::pin(conn), |c| c.graceful_shutdown());
+    }
+}
+
+/// What an intercepted session's task needs besides its connection.
+struct Session {
+    stop: watch::Receiver<bool>,
+    reclaim: watch::Receiver<u64>,
+    activity: Arc<Activity>,
+    idle_timeout: std::time::Duration,
+    /// The connection's place under `limits.max_connections`, free when the session ends.
+    permit: Arc<ConnectionSlot>,
+}
+
+impl Session {
+    /// Serve `conn` in a task of its own until it ends. It comes boxed, before the task
+    /// captures it, so that it is held once (see `idle::serve`).
+    fn spawn<C>(
+        self,
+        conn: std::pin::Pin<Box<C>>,
+        graceful: impl FnOnce(std::pin::Pin<&mut C>) + Send + 'static,
+    ) where
+        C: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        let Session {
+            stop,
+            reclaim,
+            activity,
+            idle_timeout,
+            permit,
+        } = self;
         tokio::spawn(
             async move {
-                let result = idle::serve(conn, stop, reclaim, &activity, idle_timeout, |c| {
-                    c.graceful_shutdown()
-                })
-                .await;
-                session_ended(result, permit);
+                let result =
+                    idle::serve(conn, stop, reclaim, &activity, idle_timeout, graceful).await;
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "intercepted connection ended with an error");
+                }
+                drop(permit);
             }
             .in_current_span(),
         );
     }
-}
-
-/// An intercepted session is over: its place under `limits.max_connections` is free.
-fn session_ended(result: Result<(), hyper::Error>, permit: Arc<ConnectionSlot>) {
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "intercepted connection ended with an error");
-    }
-    drop(permit);
 }
 
 /// The rest of the TLS handshake once the client hello is in: check its server name, mint a
