@@ -297,12 +297,7 @@ async fn identity_on(
 }
 
 async fn post_reload(sb: &Sandbox) -> (u16, serde_json::Value) {
-    let admin = sb.server.admin_addr().unwrap();
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("http://{admin}/reload"))
+    let resp = common::admin(sb, reqwest::Method::POST, "/reload")
         .send()
         .await
         .unwrap();
@@ -458,12 +453,7 @@ async fn a_bad_reload_keeps_the_running_config() {
     assert_eq!(live.generation, 1);
     assert_eq!(live.routes.len(), routes_before);
     assert_eq!(get().await, before);
-    let admin = sb.server.admin_addr().unwrap();
-    let metrics = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://{admin}/metrics"))
+    let metrics = common::admin(&sb, reqwest::Method::GET, "/metrics")
         .send()
         .await
         .unwrap()

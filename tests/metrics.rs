@@ -27,12 +27,7 @@ async fn metrics_sandbox() -> Sandbox {
 }
 
 async fn scrape(sb: &Sandbox) -> (String, String) {
-    let admin = sb.server.admin_addr().unwrap();
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .get(format!("http://{admin}/metrics"))
+    let resp = common::admin(sb, reqwest::Method::GET, "/metrics")
         .send()
         .await
         .unwrap();
@@ -68,12 +63,7 @@ async fn scrape_until(sb: &Sandbox, series: &str, want: f64) -> String {
 }
 
 async fn post_reload(sb: &Sandbox) -> u16 {
-    let admin = sb.server.admin_addr().unwrap();
-    reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("http://{admin}/reload"))
+    common::admin(sb, reqwest::Method::POST, "/reload")
         .send()
         .await
         .unwrap()

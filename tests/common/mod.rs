@@ -277,3 +277,17 @@ pub fn config_file(c: &Config, rest: &str) -> String {
     s.push_str(rest);
     s
 }
+
+/// A request builder for `path` on the sandbox's admin port, never through a proxy the
+/// environment names.
+pub fn admin(sb: &Sandbox, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    let addr = sb
+        .server
+        .admin_addr()
+        .expect("the sandbox has an admin port");
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .request(method, format!("http://{addr}{path}"))
+}
