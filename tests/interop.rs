@@ -400,6 +400,43 @@ async fn five_hundred_requests_on_one_connection_to_an_http1_nginx() {
     five_hundred_requests_on_one_connection(false).await;
 }
 
+/// The cipher suite the intercepting server negotiates with curl (OpenSSL), from curl's `-v`
+/// line "SSL connection using TLSv1.3 / <suite>" for the connection to the routed host.
+async fn negotiated_suite(sb: &Sandbox, tls13_ciphers: &str) -> String {
+    let out = curl(
+        sb,
+        &["-v", "-o", "/dev/null", "--tls13-ciphers", tls13_ciphers, &url("/suite")],
+    )
+    .await;
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "curl: {log}");
+    log.lines()
+        .find_map(|l| l.split("SSL connection using TLSv1.3 / ").nth(1))
+        .unwrap_or_else(|| panic!("no TLS 1.3 line in curl's log: {log}"))
+        .trim()
+        .to_string()
+}
+
+/// The server's order wins for TLS 1.3 suites: a client listing AES-256-GCM-SHA384 first (as
+/// rustls-based clients such as oha and reqwest do) gets AES-128-GCM-SHA256, whose key schedule
+/// runs on SHA-256 (hardware SHA-NI) rather than SHA-384; a client offering only AES-256 still
+/// gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_prefers_aes_128_gcm_sha256_with_clients_that_list_aes_256_first() {
+    let nginx = Nginx::start(true, NAMES).await;
+    let sb = sandbox_for(&nginx).await;
+    assert_eq!(
+        negotiated_suite(&sb, "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256").await,
+        "TLS_AES_128_GCM_SHA256"
+    );
+    assert_eq!(
+        negotiated_suite(&sb, "TLS_AES_256_GCM_SHA384").await,
+        "TLS_AES_256_GCM_SHA384"
+    );
+    sb.shutdown().await;
+    nginx.stop().await;
+}
+
 /// A gRPC origin that is not hyper: Python grpcio, with a generic handler (no generated
 /// code). Each answer says which `authorization` the server saw.
 const GRPC_SERVER: &str = r#"
