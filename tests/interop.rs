@@ -400,12 +400,76 @@ async fn five_hundred_requests_on_one_connection_to_an_http1_nginx() {
     five_hundred_requests_on_one_connection(false).await;
 }
 
+/// A client that gives up on a GET in flight to an HTTP/1.1 origin does not cost the proxy its
+/// upstream connection: the request is finished and its answer read on a task of its own, and
+/// the next request rides the same connection to nginx (nginx's `$connection` serial). Before,
+/// hyper closed the connection with the abandoned answer (nginx logged 499) and every client
+/// deadline, or a load tool stopping with requests in flight, cost a new upstream TLS
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_the_client_gave_up_on_keeps_its_http1_upstream_connection() {
+    let nginx = Nginx::start(false, NAMES).await;
+    let (addr, ca) = (nginx.addr, nginx.ca_file.clone());
+    // One worker: one pool, whichever worker accepts the next curl.
+    let sb = sandbox_with(move |c| {
+        c.upstream.resolve.insert(format!("{HOST}:443"), addr);
+        c.upstream.extra_roots.push(ca);
+        c.limits.workers = 1;
+    })
+    .await;
+    curl_ok(&sb, &[&url("/echo/first")]).await;
+    // curl gives up after 300 ms; the backend answers after 800.
+    let out = curl(&sb, &["--max-time", "0.3", &url("/echo/slow?delay_ms=800")]).await;
+    assert!(!out.status.success(), "curl was meant to give up");
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    curl_ok(&sb, &[&url("/echo/after")]).await;
+    let seen = nginx.seen_at_least(3).await;
+    let line = |path: &str| {
+        seen.iter()
+            .find(|s| s["uri"].as_str().is_some_and(|u| u.starts_with(path)))
+            .unwrap_or_else(|| panic!("{path} not in nginx's log: {seen:?}"))
+            .clone()
+    };
+    let (first, slow, after) = (line("/echo/first"), line("/echo/slow"), line("/echo/after"));
+    // Status and connection serial only: the lines also hold the (emulator's) token.
+    let brief = |s: &Value| format!("{} {} on connection {}", s["uri"], s["status"], s["conn"]);
+    assert_eq!(
+        slow["status"],
+        "200",
+        "the abandoned answer was read to its end: {}",
+        brief(&slow)
+    );
+    assert_eq!(
+        first["conn"],
+        slow["conn"],
+        "{} / {}",
+        brief(&first),
+        brief(&slow)
+    );
+    assert_eq!(
+        after["conn"],
+        slow["conn"],
+        "the next request reused the connection: {} / {}",
+        brief(&slow),
+        brief(&after)
+    );
+    sb.shutdown().await;
+    nginx.stop().await;
+}
+
 /// The cipher suite the intercepting server negotiates with curl (OpenSSL), from curl's `-v`
 /// line "SSL connection using TLSv1.3 / <suite>" for the connection to the routed host.
 async fn negotiated_suite(sb: &Sandbox, tls13_ciphers: &str) -> String {
     let out = curl(
         sb,
-        &["-v", "-o", "/dev/null", "--tls13-ciphers", tls13_ciphers, &url("/suite")],
+        &[
+            "-v",
+            "-o",
+            "/dev/null",
+            "--tls13-ciphers",
+            tls13_ciphers,
+            &url("/suite"),
+        ],
     )
     .await;
     let log = String::from_utf8_lossy(&out.stderr);

@@ -16,8 +16,10 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use dashmap::DashMap;
 use http::uri::Scheme;
@@ -49,6 +51,8 @@ pub struct UpstreamClient {
     multiplex: Multiplex,
     pooled: Client<Connector, Upload>,
     protocols: Arc<Protocols>,
+    /// Abandoned requests being finished now (see [`Finish`]).
+    abandoned: Arc<AtomicUsize>,
 }
 
 impl UpstreamClient {
@@ -118,7 +122,101 @@ impl UpstreamClient {
     async fn send_pooled(&self, mut req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
         let upgrade = req.extensions_mut().remove::<RequestedUpgrade>();
         headers::for_http1(req.headers_mut(), upgrade.as_ref());
-        Ok(self.pooled.request(req).await?)
+        let finish = upgrade.is_none() && finishes_if_abandoned(&req);
+        let sent = self.pooled.request(req);
+        if !finish {
+            return Ok(sent.await?);
+        }
+        Ok(Finish::new(sent, self.abandoned.clone()).await?)
+    }
+}
+
+/// How long an abandoned request may take to answer and to send the rest of its body.
+const ABANDONED_WAIT: Duration = Duration::from_secs(5);
+/// The most of an abandoned answer's body read and discarded to keep its connection.
+const ABANDONED_BYTES: usize = 64 * 1024;
+/// Abandoned requests a worker finishes at once; past it, their connections are closed.
+const ABANDONED_MAX: usize = 256;
+
+/// Whether a request whose client goes away is finished to keep its HTTP/1.1 connection: a
+/// GET, HEAD or OPTIONS without a body. hyper closes the connection when the answer to a
+/// request in flight is no longer awaited (it cannot know where the next answer starts), so
+/// every client that gives up on a request (a deadline in an SDK, a load tool stopping) cost
+/// a new upstream connection and its TLS handshake. Finishing such a request costs the origin
+/// nothing more (it has it already, or gets a request that is safe to repeat); a request with
+/// a body is not, since its body went with the client.
+fn finishes_if_abandoned(req: &Request<Upload>) -> bool {
+    use http::Method;
+    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        && http_body::Body::is_end_stream(req.body())
+}
+
+/// A pooled request that, if dropped before its answer comes, is finished on a task of its
+/// own: the answer awaited and its body read to the end (within [`ABANDONED_WAIT`] and
+/// [`ABANDONED_BYTES`]), so that hyper-util returns the connection to the pool.
+struct Finish {
+    sent: Option<hyper_util::client::legacy::ResponseFuture>,
+    abandoned: Arc<AtomicUsize>,
+}
+
+impl Finish {
+    fn new(sent: hyper_util::client::legacy::ResponseFuture, abandoned: Arc<AtomicUsize>) -> Self {
+        Finish {
+            sent: Some(sent),
+            abandoned,
+        }
+    }
+}
+
+impl Future for Finish {
+    type Output = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(sent) = self.sent.as_mut() else {
+            return Poll::Pending;
+        };
+        let out = std::task::ready!(Pin::new(sent).poll(cx));
+        self.sent = None;
+        Poll::Ready(out)
+    }
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let Some(sent) = self.sent.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.abandoned.fetch_add(1, Ordering::Relaxed) >= ABANDONED_MAX {
+            self.abandoned.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let abandoned = self.abandoned.clone();
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(ABANDONED_WAIT, finish_abandoned(sent)).await;
+            abandoned.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+/// Await an abandoned request's answer and read its body to the end; a longer body is dropped
+/// unread, which closes the connection as before.
+async fn finish_abandoned(sent: hyper_util::client::legacy::ResponseFuture) {
+    use http_body_util::BodyExt;
+    let Ok(resp) = sent.await else {
+        return;
+    };
+    let mut body = resp.into_body();
+    let mut left = ABANDONED_BYTES;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(data) = frame.data_ref() {
+            match left.checked_sub(data.len()) {
+                Some(l) => left = l,
+                None => return,
+            }
+        }
     }
 }
 
@@ -337,5 +435,6 @@ pub fn client(
         multiplex: Multiplex::new(connector.clone(), protocols.clone(), cfg.idle_timeout),
         pooled: builder.build(connector),
         protocols,
+        abandoned: Arc::default(),
     }
 }

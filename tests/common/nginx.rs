@@ -301,6 +301,15 @@ impl Echo {
 /// SHA-256.
 async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Error> {
     let (parts, mut body) = req.into_parts();
+    // `?delay_ms=N`: answer N ms late, for a client to give up on the request meanwhile.
+    let delay = parts
+        .uri
+        .query()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("delay_ms=")))
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(ms) = delay {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
     let mut hash = Sha256::new();
     let mut len = 0u64;
     while let Some(frame) = body.frame().await {
