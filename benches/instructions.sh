@@ -1,57 +1,122 @@
 #!/usr/bin/env bash
-# Instructions the proxy executes per intercepted h2 request, counted by valgrind's callgrind.
+# Instructions the proxy executes per request, counted by valgrind's callgrind.
 #
 #   bash benches/instructions.sh [PROXY_BIN]     # default: target/release/impersonate-proxy
+#   MODE=a|c|d N=20000 bash benches/instructions.sh
 #
-# Wall-clock figures on a shared machine swing by a third from run to run; instruction counts do
-# not depend on what else the machine is doing, so two builds can be compared one after the
-# other. The load tool's h2 mode drives the proxy (run under callgrind, so slowly); counting is
-# switched on for 4 s in the middle of the phase through the proxy, and the total is divided by
-# the calls of the route lookup, which runs once per intercepted request. Under callgrind the
-# proxy sees bigger batches than at full speed, so per-request kernel and wake-up costs are not
-# in this figure: it measures the proxy's own user-space work.
+# Wall-clock figures on a shared machine swing from run to run; instruction counts do not depend
+# on what else the machine is doing, so two builds can be compared one after the other. The set-up
+# is the shared harness's, on a small scale: oha drives the proxy (run under callgrind, so slowly)
+# against Debian's nginx (TLS, h2 and HTTP/1.1, a small body), tokens from the proxy's own
+# emulator. MODE is the harness's test: a = 64 keep-alive connections, c = a new connection per
+# request (16 at once), d = h2, one connection with 100 streams (the default). Counting is zeroed
+# after a warm-up, dumped after N requests, and divided by the 200s oha got. Under callgrind the
+# proxy sees bigger batches than at full speed and no kernel time is counted: this is the
+# proxy's own user-space work. Needs valgrind, oha, nginx and openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 2; }
+for c in valgrind callgrind_control oha nginx openssl python3; do
+    command -v "$c" >/dev/null || { echo "$c is needed" >&2; exit 2; }
+done
 bin=$(realpath "${1:-target/release/impersonate-proxy}")
 [ -x "$bin" ] || { echo "no proxy binary at $bin (cargo build --release)" >&2; exit 2; }
-load=$(cargo bench --bench load --no-run 2>&1 | grep -o 'target/release/deps/load-[0-9a-f]*' | tail -1)
-[ -n "$load" ] || { echo "cannot build the load tool" >&2; exit 2; }
+mode=${MODE:-d}
+n=${N:-20000}
+case $mode in
+    a) args=(-c 64) ;;
+    c) args=(-c 16 --disable-keepalive) ;;
+    d) args=(-c 1 --http2 -p 100) ;;
+    *) echo "MODE is a, c or d" >&2; exit 2 ;;
+esac
 
 work=$(mktemp -d)
-bench_pid=
+pids=()
 cleanup() {
-    [ -n "$bench_pid" ] && kill "$bench_pid" 2>/dev/null || true
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    [ -s "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+    sleep 0.2
     rm -rf "$work"
 }
 trap cleanup EXIT
-cat >"$work/proxy" <<EOF
-#!/usr/bin/env bash
-exec valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file=$work/cg.%p "$bin" "\$@" 2>"$work/valgrind.log"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+host=storage.googleapis.com
+origin_port=$(free_port); emu_port=$(free_port); proxy_port=$(free_port)
+
+# The origin: nginx with a certificate for the host from a CA of its own.
+cd "$work"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-origin-ca \
+    -keyout origin-ca.key -out origin-ca.pem 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$host" \
+    -keyout origin.key -out origin.csr 2>/dev/null
+printf 'subjectAltName=DNS:%s\n' "$host" > origin.ext
+openssl x509 -req -in origin.csr -CA origin-ca.pem -CAkey origin-ca.key -CAcreateserial -days 2 \
+    -extfile origin.ext -out origin.pem 2>/dev/null
+cat > nginx.conf <<EOF
+worker_processes 1;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
+    uwsgi_temp_path $work; scgi_temp_path $work;
+    keepalive_requests 10000000;
+    server {
+        listen 127.0.0.1:$origin_port ssl http2;
+        ssl_certificate $work/origin.pem;
+        ssl_certificate_key $work/origin.key;
+        location / { return 200 "{\"kind\":\"storage#object\",\"name\":\"object.bin\"}\n"; }
+    }
+}
 EOF
-chmod +x "$work/proxy"
+nginx -e "$work/nginx-error.log" -c "$work/nginx.conf"
+wait_port "$origin_port"
 
-LOAD_SECS=8 LOAD_ROUNDS=1 LOAD_MODES=h2 LOAD_PROXY_BIN="$work/proxy" "$load" --bench >"$work/load.out" 2>&1 &
-bench_pid=$!
-# The header is printed after the warm-up; then come 8 s direct and 8 s through the proxy.
-for _ in $(seq 1200); do grep -q '^load:' "$work/load.out" 2>/dev/null && break; sleep 0.1; done
-grep -q '^load:' "$work/load.out" || { cat "$work/load.out" >&2; exit 1; }
-proxy_pid=$(pgrep -P "$bench_pid" | head -1)
-sleep 10
-callgrind_control -i on "$proxy_pid" >/dev/null 2>&1
-sleep 1
+# The emulator, and the proxy under callgrind (counting from the start, zeroed after warm-up).
+cat > policy.yaml <<EOF
+users:
+  - { email: bench@example.com, client_id: bench-client, client_secret: bench-secret, refresh_token: bench-refresh }
+service_accounts:
+  - { email: bench@bench-project.iam.gserviceaccount.com, token_creators: ["user:bench@example.com"] }
+EOF
+printf '{"type":"authorized_user","client_id":"bench-client","client_secret":"bench-secret","refresh_token":"bench-refresh","token_uri":"http://127.0.0.1:%s/token"}\n' "$emu_port" > adc.json
+cat > config.yaml <<EOF
+listen: 127.0.0.1:$proxy_port
+admin: null
+ca: { cert: "$work/ca.pem", key: "$work/ca-key.pem" }
+source: { file: "$work/adc.json" }
+iam: { endpoint: "http://127.0.0.1:$emu_port" }
+identities:
+  bench: { service_account: bench@bench-project.iam.gserviceaccount.com }
+routes:
+  - { name: storage, host: $host, identity: bench }
+other_hosts: deny
+upstream:
+  system_roots: false
+  extra_roots: ["$work/origin-ca.pem"]
+  resolve: { "$host:443": "127.0.0.1:$origin_port" }
+EOF
+"$bin" ca init --config config.yaml --force >/dev/null
+"$bin" emulator --policy policy.yaml --listen "127.0.0.1:$emu_port" >emulator.log 2>&1 &
+pids+=($!)
+wait_port "$emu_port"
+RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$bin" run --config config.yaml \
+    >proxy.log 2>valgrind.log &
+proxy_pid=$!
+pids+=($proxy_pid)
+wait_port "$proxy_port" || { cat valgrind.log proxy.log >&2; exit 1; }
+
+url="https://$host/storage/v1/b/bench-bucket/o/object.bin"
+through=(-x "http://127.0.0.1:$proxy_port" --cacert "$work/ca.pem" -t 60s)
+oha --no-tui -n 1000 "${args[@]}" "${through[@]}" "$url" >/dev/null
 callgrind_control -z "$proxy_pid" >/dev/null 2>&1
-sleep 4
+oha --no-tui --output-format json -n "$n" "${args[@]}" "${through[@]}" "$url" >oha.json
 callgrind_control -d "$proxy_pid" >/dev/null 2>&1
-callgrind_control -i off "$proxy_pid" >/dev/null 2>&1
-wait "$bench_pid"
-bench_pid=
-
-out=$(ls "$work"/cg.*.1)
-total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-requests=$(callgrind_annotate --tree=calling "$out" 2>/dev/null |
-    grep -oE '=> [^ ]*routes\.rs:impersonate_proxy::routes::RouteTable::find \([0-9,]+x\)' |
-    grep -oE '[0-9,]+x' | tr -d ,x | awk '{s += $1} END {print s + 0}')
-[ "${requests:-0}" -gt 0 ] || { echo "no intercepted request was counted" >&2; exit 1; }
+sleep 1
+ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["statusCodeDistribution"].get("200", 0))' oha.json)
+[ "${ok:-0}" -gt 0 ] || { echo "no request succeeded through the proxy" >&2; cat proxy.log >&2; exit 1; }
+dump=$(ls cg.out.* | head -1)
+total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
 echo "proxy: $bin"
-echo "instructions: $total over $requests intercepted h2 requests = $((total / requests)) per request"
+echo "mode $mode: $total instructions over $ok requests (200s of $n) = $((total / ok)) per request"
