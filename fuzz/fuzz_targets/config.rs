@@ -38,8 +38,10 @@ fuzz_target!(|text: &str| {
 /// `$S` ending a line after `: ` is a value (of a mapping, or part of a quoted or block
 /// scalar, or a comment) when no flow collection is open: inside `{ }` or `[ ]` a plain
 /// scalar may run on over lines and end as a key, and keys are named in messages. So marking
-/// stops at the first line that leaves a bracket open or closes one it did not open (quoted
-/// brackets count too: that only marks less). Those `$S` become [`SECRET`].
+/// stops at the first line that leaves a bracket open or closes one it did not open, and at
+/// the first line with a bracket and a quote: a quoted bracket must not balance a real one
+/// (`{ "a }` leaves the flow mapping open, and the quoted key runs on over the next lines).
+/// Those `$S` become [`SECRET`].
 fn mark_values(text: &str) -> (String, bool) {
     let mut marked = false;
     let mut flow = false;
@@ -56,6 +58,8 @@ fn mark_values(text: &str) -> (String, bool) {
                 flow |= depth < 0;
             }
             flow |= depth != 0;
+            let bracket = line.contains(['{', '}', '[', ']']);
+            flow |= bracket && line.contains(['"', '\'']);
             match line.strip_suffix(": $S") {
                 Some(before) if !flow => {
                     marked = true;
