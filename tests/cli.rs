@@ -212,7 +212,24 @@ async fn token_prints_a_token_of_the_identity() {
 
 #[tokio::test]
 async fn the_demo_runs_offline_and_shows_each_identity() {
-    let o = run(&["demo", "--once", "--listen", "127.0.0.1:0"]).await;
+    // The demo writes its log to the temp directory: one of this test's own, removed after.
+    let tmp = std::env::temp_dir().join(format!(
+        "impersonate-proxy-demo-test-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let o = tokio::process::Command::new(BIN)
+        .args(["demo", "--once", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .env("TMPDIR", &tmp)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        tmp.join("impersonate-proxy-demo.log").exists(),
+        "the demo's log went elsewhere"
+    );
+    std::fs::remove_dir_all(&tmp).unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let t = String::from_utf8(o.stdout.clone()).unwrap();
     for want in [
