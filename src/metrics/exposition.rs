@@ -269,6 +269,18 @@ fn connections(state: &ProxyState, e: &mut DescriptorEncoder) -> fmt::Result {
     ] {
         f.encode_family(&[("kind", kind)])?.encode_gauge(&load(v))?;
     }
+    if let Some(workers) = m.worker_connections.get() {
+        let mut f = e.encode_descriptor(
+            "worker_connections",
+            "Client connections each worker thread serves now (they are spread evenly).",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (i, v) in workers.iter().enumerate() {
+            f.encode_family(&[("worker", i.to_string())])?
+                .encode_gauge(&load(v))?;
+        }
+    }
     histogram(
         e,
         "upstream_connect_duration_seconds",

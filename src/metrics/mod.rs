@@ -179,6 +179,8 @@ pub struct Metrics {
     /// session a CONNECT became).
     pub connections_total: AtomicU64,
     pub connections_active: AtomicU64,
+    /// Client connections each worker serves now (set when the workers start).
+    pub worker_connections: std::sync::OnceLock<Arc<[AtomicU64]>>,
     /// CONNECTs intercepted with the local CA, and those sessions open now.
     pub intercepts_total: AtomicU64,
     pub intercepts_open: AtomicU64,

@@ -14,10 +14,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tokio_rustls::LazyConfigAcceptor;
 use tracing::Instrument;
 
+use super::balance::Admission;
 use super::error::{to_response, ProxyError};
 use super::forward::{self, Target};
 use super::idle::{self, Activity, TunnelEnd};
@@ -37,17 +38,17 @@ use crate::config::OtherHosts;
 /// down when the HTTP/1.1 connection handed itself over at the upgrade, so every CONNECT
 /// session left it at 0.
 pub(crate) struct ConnectionSlot {
-    _permit: OwnedSemaphorePermit,
+    _admission: Admission,
     state: Arc<ProxyState>,
 }
 
 impl ConnectionSlot {
-    pub(super) fn new(permit: OwnedSemaphorePermit, state: Arc<ProxyState>) -> ConnectionSlot {
+    pub(super) fn new(admission: Admission, state: Arc<ProxyState>) -> ConnectionSlot {
         let m = &state.metrics;
         m.connections_total.fetch_add(1, Ordering::Relaxed);
         m.connections_active.fetch_add(1, Ordering::Relaxed);
         ConnectionSlot {
-            _permit: permit,
+            _admission: admission,
             state,
         }
     }
@@ -71,12 +72,12 @@ pub(crate) fn spawn_client(
     state: Arc<ProxyState>,
     upstream: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
-    permit: OwnedSemaphorePermit,
+    admission: Admission,
 ) {
     let span = tracing::debug_span!("conn", client = %peer);
     tokio::spawn(
         async move {
-            let permit = Arc::new(ConnectionSlot::new(permit, state.clone()));
+            let permit = Arc::new(ConnectionSlot::new(admission, state.clone()));
             let limits = &state.config.limits;
             let mut http = hyper::server::conn::http1::Builder::new();
             http.timer(TokioTimer::new())

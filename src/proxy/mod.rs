@@ -2,6 +2,7 @@
 //!
 //! - `mod.rs`: [`ProxyState`] (everything a request needs, built once) and [`run`], which
 //!   serves on one worker thread per core.
+//! - `balance.rs`: client connections spread evenly over the workers.
 //! - `caps.rs`: caps on upstream connections (per origin, in total) and the open-file limit.
 //! - `connect.rs`: the client-facing HTTP/1.1 service: CONNECT, absolute-form, refusals.
 //! - `forward.rs`: one intercepted request: route, token, header rewrite, upstream, access log.
@@ -23,6 +24,7 @@
 //!   CONNECT target, for tools that ignore `HTTPS_PROXY`.
 //! - `error.rs`: [`ProxyError`] and its response.
 
+mod balance;
 mod caps;
 pub(crate) mod connect;
 pub(crate) mod destination;
@@ -252,7 +254,7 @@ impl ProxyState {
 ///
 /// The data plane is thread-per-core: `limits.workers` threads (one per core by default), each
 /// with a single-threaded runtime that accepts from the shared listener, serves the connections
-/// it accepted and owns an upstream pool. A connection, its requests and the upstream
+/// it accepted (or was handed by a busier worker: `balance.rs`) and owns an upstream pool. A connection, its requests and the upstream
 /// connections they ride on all stay on one thread, so a request costs no cross-thread wake-ups
 /// and h2's per-connection locks are never contended; under tokio's work-stealing runtime the
 /// same h2 load took 1.6 times the CPU per request. The token refresher and the admin endpoint
@@ -286,13 +288,28 @@ pub async fn run(
     };
     let (stop_tx, stop) = watch::channel(false);
     let (done_tx, done) = watch::channel(false);
+    let (balance, inboxes) = balance::Balance::new(workers);
+    let _ = state.metrics.worker_connections.set(balance.live());
     let mut exits = Vec::with_capacity(workers);
-    for index in 0..workers {
-        match spawn_worker(index, &listener, transparent.as_ref(), &state, &stop, &done) {
+    for (index, inbox) in inboxes.into_iter().enumerate() {
+        let worker = Worker {
+            index,
+            balance: balance.clone(),
+            inbox,
+        };
+        match spawn_worker(
+            worker,
+            &listener,
+            transparent.as_ref(),
+            &state,
+            &stop,
+            &done,
+        ) {
             Ok(exit) => exits.push(exit),
             Err(e) => tracing::error!(worker = index, error = %e, "cannot start a worker"),
         }
     }
+    drop(balance);
     drop(listener);
     drop(transparent);
     // Off the workers: returns free memory to the system once a burst of connections is over.
@@ -323,9 +340,17 @@ pub async fn run(
     }
 }
 
-/// Start worker `index` on a thread of its own; the receiver resolves when it has stopped.
-fn spawn_worker(
+/// A worker's place among the others: its index, the shared balance, and its inbox of
+/// connections other workers accepted for it.
+struct Worker {
     index: usize,
+    balance: Arc<balance::Balance>,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<balance::Handover>,
+}
+
+/// Start `worker` on a thread of its own; the receiver resolves when it has stopped.
+fn spawn_worker(
+    worker: Worker,
     listener: &std::net::TcpListener,
     transparent: Option<&std::net::TcpListener>,
     state: &Arc<ProxyState>,
@@ -339,6 +364,7 @@ fn spawn_worker(
         .build()?;
     let (state, stop, mut done) = (state.clone(), stop.clone(), done.clone());
     let (exit_tx, exit) = tokio::sync::oneshot::channel();
+    let index = worker.index;
     std::thread::Builder::new()
         .name(format!("proxy-worker-{index}"))
         .spawn(move || {
@@ -348,7 +374,7 @@ fn spawn_worker(
                     Ok((l, t))
                 });
                 match listeners {
-                    Ok((listener, t)) => accept_loop(listener, t, state, stop).await,
+                    Ok((listener, t)) => accept_loop(worker, listener, t, state, stop).await,
                     Err(e) => {
                         tracing::error!(worker = index, error = %e, "cannot use the listener")
                     }
@@ -362,8 +388,10 @@ fn spawn_worker(
     Ok(exit)
 }
 
-/// One worker's accept loop: until shutdown begins, take a connection permit, accept, serve.
+/// One worker's accept loop: until shutdown begins, take a connection permit, accept, and
+/// serve here or hand over to a less busy worker; serve what other workers hand over.
 async fn accept_loop(
+    mut worker: Worker,
     listener: TcpListener,
     transparent: Option<TcpListener>,
     state: Arc<ProxyState>,
@@ -377,6 +405,22 @@ async fn accept_loop(
         state.protocols.clone(),
         state.metrics.clone(),
     ));
+    let conn_stop = stop.clone();
+    let serve = |stream, peer, is_transparent, admission| {
+        let serve = if is_transparent {
+            transparent::spawn
+        } else {
+            connect::spawn_client
+        };
+        serve(
+            stream,
+            peer,
+            state.clone(),
+            upstream.clone(),
+            conn_stop.clone(),
+            admission,
+        );
+    };
     loop {
         // Take a permit before accepting while there are free ones. At the cap, accept one
         // client and hold it (at most one per worker) while every idle connection is asked to
@@ -388,6 +432,15 @@ async fn accept_loop(
         };
         let (stream, peer, is_transparent) = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
+            Some(h) = worker.inbox.recv() => {
+                // Admitted by the worker that accepted it; the permit taken above goes back.
+                drop(permit);
+                match tokio::net::TcpStream::from_std(h.stream) {
+                    Ok(stream) => serve(stream, h.peer, h.transparent, h.admission),
+                    Err(e) => tracing::warn!(error = %e, "cannot take over a connection"),
+                }
+                continue;
+            }
             r = accept(&listener, transparent.as_ref()) => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -413,19 +466,28 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let serve = if is_transparent {
-            transparent::spawn
-        } else {
-            connect::spawn_client
+        let (to, admission) = worker.balance.place(worker.index, permit);
+        if to == worker.index {
+            serve(stream, peer, is_transparent, admission);
+            continue;
+        }
+        let handover = match stream.into_std() {
+            Ok(stream) => balance::Handover {
+                stream,
+                peer,
+                transparent: is_transparent,
+                admission,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand a connection over");
+                continue;
+            }
         };
-        serve(
-            stream,
-            peer,
-            state.clone(),
-            upstream.clone(),
-            stop.clone(),
-            permit,
-        );
+        if worker.balance.hand_over(to, handover).is_err() {
+            // That worker has stopped accepting: shutdown has begun, and the connection is
+            // closed as if it had come a moment later.
+            tracing::debug!("a worker stopped before taking a connection over");
+        }
     }
 }
 

@@ -27,9 +27,10 @@ use rustls::server::Acceptor;
 use serde::Deserialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, OwnedSemaphorePermit};
+use tokio::sync::watch;
 use tracing::Instrument;
 
+use super::balance::Admission;
 use super::connect::{self, ConnectionSlot, Intercepted};
 use super::error::ProxyError;
 use super::idle;
@@ -111,12 +112,12 @@ pub(crate) fn spawn(
     state: Arc<ProxyState>,
     upstream: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
-    permit: OwnedSemaphorePermit,
+    admission: Admission,
 ) {
     let span = tracing::debug_span!("transparent", client = %peer);
     tokio::spawn(
         async move {
-            let slot = Arc::new(ConnectionSlot::new(permit, state.clone()));
+            let slot = Arc::new(ConnectionSlot::new(admission, state.clone()));
             serve(stream, peer, state, upstream, stop, slot).await;
         }
         .instrument(span),
