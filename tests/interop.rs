@@ -457,6 +457,72 @@ async fn a_get_the_client_gave_up_on_keeps_its_http1_upstream_connection() {
     nginx.stop().await;
 }
 
+/// The HTTP/1.1 pool opens a connection only for a request that would otherwise wait, not one
+/// per checkout that finds no idle connection at that instant. Every upstream connection
+/// goes through a forwarder that holds it 300 ms before reaching nginx (a far origin): after
+/// one warm-up request, two clients send 20 requests each, one after another. The second
+/// client's first request finds the one connection busy and a connect starts; meanwhile the
+/// two share the connection that exists. hyper-util's pool, used before, started one more
+/// connect at every such miss and kept each connection it opened (36 to 38 more in three
+/// runs); now the one connect under way is enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_connect_is_not_raced_by_one_per_request() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let nginx = Nginx::start(false, NAMES).await;
+    let forwarder = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let via = forwarder.local_addr().unwrap();
+    let opened = std::sync::Arc::new(AtomicUsize::new(0));
+    let (count, to) = (opened.clone(), nginx.addr);
+    let relay = tokio::spawn(async move {
+        while let Ok((mut c, _)) = forwarder.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let mut u = tokio::net::TcpStream::connect(to).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+            });
+        }
+    });
+    let ca = nginx.ca_file.clone();
+    // One worker: one pool for both clients.
+    let sb = sandbox_with(move |c| {
+        c.upstream.resolve.insert(format!("{HOST}:443"), via);
+        c.upstream.extra_roots.push(ca);
+        c.limits.workers = 1;
+    })
+    .await;
+    let client = sb.client().unwrap();
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let r = client.get(url(&path)).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.bytes().await.unwrap();
+        }
+    };
+    // The first request connects twice: the h2 path finds out that nginx speaks HTTP/1.1
+    // only (and closes that connection), then the pool connects.
+    get("/echo/warm".into()).await;
+    let warm = opened.load(Ordering::SeqCst);
+    let clients = (0..2).map(|i| {
+        let get = &get;
+        async move {
+            for j in 0..20 {
+                get(format!("/echo/{i}-{j}")).await;
+            }
+        }
+    });
+    futures_util::future::join_all(clients).await;
+    let n = opened.load(Ordering::SeqCst) - warm;
+    assert!(
+        n <= 1,
+        "two clients in turn took {n} more upstream connections"
+    );
+    sb.shutdown().await;
+    relay.abort();
+    nginx.stop().await;
+}
+
 /// The cipher suite the intercepting server negotiates with curl (OpenSSL), from curl's `-v`
 /// line "SSL connection using TLSv1.3 / <suite>" for the connection to the routed host.
 async fn negotiated_suite(sb: &Sandbox, tls13_ciphers: &str) -> String {

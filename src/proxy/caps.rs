@@ -1,7 +1,7 @@
 //! Caps on upstream connections, per origin and in total, shared by every worker; and the
 //! file-descriptor limit that has to cover them.
 //!
-//! Every upstream connection (an HTTP/1.1 connection in hyper-util's pool, a worker's h2
+//! Every upstream connection (an HTTP/1.1 connection in a worker's pool, a worker's h2
 //! connection in `multiplex.rs`) holds a place under both caps for as long as it is open: the
 //! dialer takes the places before it connects and the connection's socket carries them
 //! ([`Capped`]). A request that needs a new connection while its origin (or the proxy) is at

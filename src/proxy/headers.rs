@@ -4,7 +4,7 @@
 //!
 //! | field | request, client → proxy | towards an HTTP/1.1 origin | towards an h2 origin | response |
 //! | --- | --- | --- | --- | --- |
-//! | `Host`, `:authority` | one authority, naming the connection's target: two `Host` fields, or none on HTTP/1.1, is a 400 (RFC 9112 §3.2); another host is a 421 (RFC 9110 §15.5.20); on an absolute-form request `Host` is ignored (RFC 9112 §3.2.2) | `Host` built from the target (hyper-util's client adds it on HTTP/1 connections only) | `:authority` from the target, no `host` field (RFC 9113 §8.3.1; nginx before 1.25 answers a `host` beside `:authority` with 400) | — |
+//! | `Host`, `:authority` | one authority, naming the connection's target: two `Host` fields, or none on HTTP/1.1, is a 400 (RFC 9112 §3.2); another host is a 421 (RFC 9110 §15.5.20); on an absolute-form request `Host` is ignored (RFC 9112 §3.2.2) | `Host` built from the target (the HTTP/1.1 pool adds it, `pool.rs`) | `:authority` from the target, no `host` field (RFC 9113 §8.3.1; nginx before 1.25 answers a `host` beside `:authority` with 400) | — |
 //! | `Connection` and every field it names, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade` | dropped (RFC 9110 §7.6.1) | an HTTP/1.1 upgrade is asked for again (`Upgrade`, `Connection: upgrade`) | never sent (RFC 9113 §8.2.2) | dropped; a 101 says `Upgrade` again |
 //! | `TE` | kept only as `trailers` | `TE: trailers` | `te: trailers` | dropped |
 //! | `Proxy-Authorization`, `Proxy-Authenticate` | the proxy's own; never forwarded | — | — | dropped |
@@ -230,8 +230,7 @@ pub(crate) fn response_from_origin(headers: &mut HeaderMap) {
 pub(crate) struct RequestedUpgrade(pub HeaderValue);
 
 /// What an HTTP/1.1 origin needs beyond the common rewrite: one `Cookie` field, and an
-/// upgrade asked for again. (`Host` is added from the URI by hyper-util's client, on HTTP/1
-/// connections only.)
+/// upgrade asked for again. (`Host` is added from the URI by the pool, `pool.rs`.)
 pub(crate) fn for_http1(headers: &mut HeaderMap, upgrade: Option<&RequestedUpgrade>) {
     join_cookies(headers);
     if let Some(RequestedUpgrade(proto)) = upgrade {

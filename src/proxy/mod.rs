@@ -18,6 +18,7 @@
 //!   connections first at `limits.max_connections`.
 //! - `memory.rs`: free memory returned to the system once a burst of connections is over.
 //! - `multiplex.rs`: a worker's one h2 connection per origin, used without a pool.
+//! - `pool.rs`: a worker's HTTP/1.1 upstream connections, and requests waiting for one.
 //! - `token_endpoint.rs`: `facade.token_endpoint`, the OAuth2 token endpoint answered with a
 //!   placeholder.
 //! - `transparent.rs`: the transparent TLS listener: the client hello's server name as a
@@ -34,6 +35,7 @@ pub(crate) mod headers;
 mod idle;
 mod memory;
 mod multiplex;
+mod pool;
 mod token_endpoint;
 pub mod transparent;
 mod upload;

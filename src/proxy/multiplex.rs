@@ -1,8 +1,8 @@
 //! A worker's h2 connections to its origins, one per origin, used without a pool in between.
 //!
-//! hyper-util's pooled client serves every request through a pool checkout, a race between
-//! that checkout and a lazily built connect, and boxed futures: about a tenth of the proxy's
-//! instructions per intercepted h2 request. An h2 connection carries any number of streams,
+//! hyper-util's pooled client, which carried h2 requests before, served every request through
+//! a pool checkout, a race between that checkout and a lazily built connect, and boxed
+//! futures: about a tenth of the proxy's instructions per intercepted h2 request. An h2 connection carries any number of streams,
 //! so for an origin that speaks h2 there is nothing to pool: [`Multiplex`] keeps one hyper
 //! `SendRequest` per origin and sends on it directly. hyper still does everything per stream
 //! (body piping with flow control, trailers, resets, cancellation); this module only decides
@@ -16,8 +16,8 @@
 //!   that origin's later requests there directly. The connection that found out is closed.
 //! - **A connection that goes away** (GOAWAY, a reset, the origin closing it) is forgotten when
 //!   its driver ends or when a request is handed back unsent; such a request is sent once more
-//!   on a new connection, as hyper-util's client retries a request its pooled connection never
-//!   sent.
+//!   on a new connection, as the HTTP/1.1 pool (`pool.rs`) retries a request its pooled
+//!   connection never sent.
 //! - **Caps.** Each connection holds its places under `upstream.max_connections` and
 //!   `max_connections_per_origin` (`caps.rs`), taken by the dialer before it connects.
 //! - **Idle connections close** after `upstream.idle_timeout` without a new request, as the

@@ -2,7 +2,7 @@
 //! plus configured extra roots, negotiating h2 where the origin offers it, with a `resolve` map
 //! (like curl's `--resolve`) that changes where a name connects without changing which name TLS
 //! verifies. Origins that speak h2 get one connection per worker, used directly
-//! ([`Multiplex`]); HTTP/1.1 origins and plain `http` go through hyper-util's pool.
+//! ([`Multiplex`]); HTTP/1.1 origins and plain `http` go through the worker's [`Pool`].
 //!
 //! Each proxy worker thread has a client (and so its connections) of its own, built by
 //! [`client`] from the one TLS configuration that [`tls_config`] loads at start-up: a request
@@ -27,8 +27,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_rustls::MaybeHttpsStream;
 use hyper_util::client::legacy::connect::Connection;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tower::Service;
@@ -38,6 +37,7 @@ use super::destination::Destinations;
 use super::error::ProxyError;
 use super::headers::{self, RequestedUpgrade};
 use super::multiplex::Multiplex;
+use super::pool::{Pool, Sent};
 use super::upload::Upload;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
@@ -45,11 +45,11 @@ use crate::metrics::Metrics;
 type Tls = hyper_rustls::HttpsConnector<Dialer>;
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// A worker's upstream client: its own h2 connections to origins that speak h2, hyper-util's
-/// pool for HTTP/1.1 origins and plain `http`.
+/// A worker's upstream client: its own h2 connections to origins that speak h2, its own pool
+/// for HTTP/1.1 origins and plain `http`.
 pub struct UpstreamClient {
     multiplex: Multiplex,
-    pooled: Client<Connector, Upload>,
+    pooled: Arc<Pool>,
     protocols: Arc<Protocols>,
     /// Abandoned requests being finished now (see [`Finish`]).
     abandoned: Arc<AtomicUsize>,
@@ -117,19 +117,31 @@ impl UpstreamClient {
         }
     }
 
-    /// The HTTP/1.1 leg (hyper-util's pool): the rows of the header table that only an
+    /// The HTTP/1.1 leg (the worker's pool): the rows of the header table that only an
     /// HTTP/1.1 origin needs, then the pool.
     async fn send_pooled(&self, mut req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
         let upgrade = req.extensions_mut().remove::<RequestedUpgrade>();
         headers::for_http1(req.headers_mut(), upgrade.as_ref());
         let finish = upgrade.is_none() && finishes_if_abandoned(&req);
-        let sent = self.pooled.request(req);
-        if !finish {
-            return Ok(sent.await?);
+        let sent: PoolRequest = Box::pin(self.pooled.clone().request(req));
+        let sent = if finish {
+            Finish::new(sent, self.abandoned.clone()).await
+        } else {
+            sent.await
+        };
+        match sent {
+            Sent::Answer(answer) => answer,
+            // The origin's new connection negotiated h2: the h2 path takes the request.
+            Sent::SpeaksH2(req) => match self.multiplex.connect_and_send(req).await {
+                Ok(answer) => answer,
+                Err(_) => Err("the origin negotiated h2, then HTTP/1.1 again".into()),
+            },
         }
-        Ok(Finish::new(sent, self.abandoned.clone()).await?)
     }
 }
+
+/// A request on the pool, boxed: it may be finished on a task of its own ([`Finish`]).
+type PoolRequest = Pin<Box<dyn Future<Output = Sent> + Send>>;
 
 /// How long an abandoned request may take to answer and to send the rest of its body.
 const ABANDONED_WAIT: Duration = Duration::from_secs(5);
@@ -153,14 +165,14 @@ fn finishes_if_abandoned(req: &Request<Upload>) -> bool {
 
 /// A pooled request that, if dropped before its answer comes, is finished on a task of its
 /// own: the answer awaited and its body read to the end (within [`ABANDONED_WAIT`] and
-/// [`ABANDONED_BYTES`]), so that hyper-util returns the connection to the pool.
+/// [`ABANDONED_BYTES`]), so that the connection goes back to the pool.
 struct Finish {
-    sent: Option<hyper_util::client::legacy::ResponseFuture>,
+    sent: Option<PoolRequest>,
     abandoned: Arc<AtomicUsize>,
 }
 
 impl Finish {
-    fn new(sent: hyper_util::client::legacy::ResponseFuture, abandoned: Arc<AtomicUsize>) -> Self {
+    fn new(sent: PoolRequest, abandoned: Arc<AtomicUsize>) -> Self {
         Finish {
             sent: Some(sent),
             abandoned,
@@ -169,7 +181,7 @@ impl Finish {
 }
 
 impl Future for Finish {
-    type Output = Result<Response<Incoming>, hyper_util::client::legacy::Error>;
+    type Output = Sent;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Some(sent) = self.sent.as_mut() else {
@@ -203,9 +215,9 @@ impl Drop for Finish {
 
 /// Await an abandoned request's answer and read its body to the end; a longer body is dropped
 /// unread, which closes the connection as before.
-async fn finish_abandoned(sent: hyper_util::client::legacy::ResponseFuture) {
+async fn finish_abandoned(sent: PoolRequest) {
     use http_body_util::BodyExt;
-    let Ok(resp) = sent.await else {
+    let Sent::Answer(Ok(resp)) = sent.await else {
         return;
     };
     let mut body = resp.into_body();
@@ -424,16 +436,9 @@ pub fn client(
         protocols: protocols.clone(),
         metrics,
     };
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_idle_timeout(cfg.idle_timeout)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_max_idle_per_host(256)
-        .http2_adaptive_window(true);
     UpstreamClient {
         multiplex: Multiplex::new(connector.clone(), protocols.clone(), cfg.idle_timeout),
-        pooled: builder.build(connector),
+        pooled: Arc::new(Pool::new(connector, cfg.idle_timeout)),
         protocols,
         abandoned: Arc::default(),
     }
