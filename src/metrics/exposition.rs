@@ -276,9 +276,9 @@ fn connections(state: &ProxyState, e: &mut DescriptorEncoder) -> fmt::Result {
             None,
             MetricType::Gauge,
         )?;
-        for (i, v) in workers.iter().enumerate() {
+        for i in 0..workers.workers() {
             f.encode_family(&[("worker", i.to_string())])?
-                .encode_gauge(&load(v))?;
+                .encode_gauge(&workers.live(i))?;
         }
     }
     histogram(

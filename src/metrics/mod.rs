@@ -180,7 +180,7 @@ pub struct Metrics {
     pub connections_total: AtomicU64,
     pub connections_active: AtomicU64,
     /// Client connections each worker serves now (set when the workers start).
-    pub worker_connections: std::sync::OnceLock<Arc<[AtomicU64]>>,
+    pub(crate) worker_connections: std::sync::OnceLock<Arc<crate::proxy::balance::Balance>>,
     /// CONNECTs intercepted with the local CA, and those sessions open now.
     pub intercepts_total: AtomicU64,
     pub intercepts_open: AtomicU64,

@@ -1,32 +1,32 @@
 //! Client connections spread evenly over the workers.
 //!
 //! Every worker accepts from the same listener, and whichever is woken first takes the
-//! connection, so a burst of connections could land 40 on one worker and 24 on the other.
-//! Each worker has its own upstream pool, and an HTTP/1.1 pool needs a connection for each
-//! request in flight on its worker: when the next burst split the other way, the worker with
-//! the larger share opened new upstream connections (and their TLS handshakes) although the
-//! proxy as a whole had enough idle ones. So a worker that accepts a connection while it
-//! serves more connections than the least busy worker hands it over to that one: one
-//! cross-thread hand-over per connection moved, none per request.
+//! connection: of 20 connections, one of two workers took anywhere from 2 to 19 when they came
+//! at once, and from 6 to 15 when they came one after another (12 runs each). Each worker has its own upstream pool, and an HTTP/1.1 pool needs a connection
+//! for each request in flight on its worker: when the next burst split the other way, the
+//! worker with the larger share opened new upstream connections (and their TLS handshakes)
+//! although the proxy as a whole had enough idle ones. So a worker that serves more client
+//! connections than the least busy one stops accepting until the others catch up: the kernel
+//! wakes every worker for a new connection anyway, and the one whose turn it is takes it.
+//! Nothing moves between threads, and a worker whose turn it is not makes no `accept` call.
+//!
+//! A worker waits its turn for at most [`PATIENCE`], then accepts one connection anyway: a
+//! worker that is busy for that long (or stuck) delays new connections by that much at most.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 
-/// The client connections each worker serves now, and where to send a connection to a worker.
+/// The longest a worker ahead of the others leaves new connections to them.
+pub(crate) const PATIENCE: Duration = Duration::from_millis(10);
+
+/// The client connections each worker serves now.
 pub(crate) struct Balance {
-    live: Arc<[AtomicU64]>,
-    inboxes: Box<[mpsc::UnboundedSender<Handover>]>,
-}
-
-/// A connection accepted by one worker for another to serve.
-pub(crate) struct Handover {
-    pub stream: std::net::TcpStream,
-    pub peer: SocketAddr,
-    pub transparent: bool,
-    pub admission: Admission,
+    live: Box<[AtomicU64]>,
+    /// Told whenever a count changes.
+    changed: Notify,
 }
 
 /// What an accepted connection holds for its whole life: its place under
@@ -37,66 +37,73 @@ pub(crate) struct Admission {
 }
 
 /// A connection counted on worker `worker` until dropped.
-pub(crate) struct Place {
-    live: Arc<[AtomicU64]>,
+struct Place {
+    balance: Arc<Balance>,
     worker: usize,
 }
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.live[self.worker].fetch_sub(1, Ordering::Relaxed);
+        self.balance.live[self.worker].fetch_sub(1, Ordering::Relaxed);
+        self.balance.changed.notify_waiters();
     }
 }
 
 impl Balance {
-    /// A balance over `workers` workers, and each worker's inbox, by index.
-    pub fn new(workers: usize) -> (Arc<Balance>, Vec<mpsc::UnboundedReceiver<Handover>>) {
-        let live: Arc<[AtomicU64]> = (0..workers).map(|_| AtomicU64::new(0)).collect();
-        let (inboxes, receivers): (Vec<_>, Vec<_>) =
-            (0..workers).map(|_| mpsc::unbounded_channel()).unzip();
-        let balance = Balance {
-            live,
-            inboxes: inboxes.into_boxed_slice(),
-        };
-        (Arc::new(balance), receivers)
+    pub fn new(workers: usize) -> Arc<Balance> {
+        Arc::new(Balance {
+            live: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            changed: Notify::new(),
+        })
     }
 
-    /// Client connections each worker serves now (for the metrics).
-    pub fn live(&self) -> Arc<[AtomicU64]> {
-        self.live.clone()
+    /// Client connections worker `worker` serves now.
+    pub fn live(&self, worker: usize) -> u64 {
+        self.live
+            .get(worker)
+            .map_or(0, |c| c.load(Ordering::Relaxed))
     }
 
-    /// Where a connection accepted by worker `me` is served: `me`, unless it serves more
-    /// connections than the least busy worker; then that one. The
-    /// connection is counted there at once, so a burst accepted by one worker spreads out.
-    /// Workers read each other's counts without a lock: a race costs an uneven split by one,
-    /// never a lost count.
-    pub fn place(&self, me: usize, permit: OwnedSemaphorePermit) -> (usize, Admission) {
-        let mine = self.live[me].load(Ordering::Relaxed);
-        let (least, count) = self
-            .live
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (i, c.load(Ordering::Relaxed)))
-            .min_by_key(|&(i, c)| (c, i != me))
-            .unwrap_or((me, mine));
-        let worker = if mine > count { least } else { me };
-        self.live[worker].fetch_add(1, Ordering::Relaxed);
-        let place = Place {
-            live: self.live.clone(),
-            worker,
-        };
-        let admission = Admission {
+    /// Workers there are.
+    pub fn workers(&self) -> usize {
+        self.live.len()
+    }
+
+    /// Whether worker `me` serves more connections than some other worker. Counts are read
+    /// without a lock: a race costs an uneven split by one, never a lost count.
+    pub fn ahead(&self, me: usize) -> bool {
+        let mine = self.live(me);
+        self.live.iter().any(|c| c.load(Ordering::Relaxed) < mine)
+    }
+
+    /// Return once worker `me` is not ahead of the others, or after `patience`.
+    pub async fn turn(&self, me: usize, patience: Duration) {
+        let deadline = tokio::time::Instant::now() + patience;
+        loop {
+            // Registered before the counts are read, so that no change is missed.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if !self.ahead(me) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Count a connection accepted by worker `me` there, for as long as it lives.
+    pub fn admit(self: &Arc<Self>, me: usize, permit: OwnedSemaphorePermit) -> Admission {
+        self.live[me].fetch_add(1, Ordering::Relaxed);
+        self.changed.notify_waiters();
+        Admission {
             _permit: permit,
-            _place: place,
-        };
-        (worker, admission)
-    }
-
-    /// Send `h` to worker `to`; it comes back if that worker no longer takes connections
-    /// (it is shutting down), for the caller to serve or drop.
-    pub fn hand_over(&self, to: usize, h: Handover) -> Result<(), Handover> {
-        self.inboxes[to].send(h).map_err(|e| e.0)
+            _place: Place {
+                balance: self.clone(),
+                worker: me,
+            },
+        }
     }
 }
 
@@ -109,68 +116,64 @@ mod tests {
         s.clone().try_acquire_owned().unwrap()
     }
 
-    #[test]
-    fn a_burst_on_one_worker_is_spread_evenly() {
-        let s = Arc::new(Semaphore::new(1000));
-        let (b, _inboxes) = Balance::new(2);
-        let live = b.live();
-        // Worker 0 wins every accept of a 64-connection burst.
-        let placed: Vec<_> = (0..64).map(|_| b.place(0, permit(&s))).collect();
-        assert_eq!(placed.iter().filter(|(to, _)| *to == 1).count(), 32);
-        assert_eq!(live[0].load(Ordering::Relaxed), 32);
-        assert_eq!(live[1].load(Ordering::Relaxed), 32);
-        // Worker 1's connections end: worker 0 hands its next accepts over until even again.
-        let (ones, zeros): (Vec<_>, Vec<_>) = placed.into_iter().partition(|(to, _)| *to == 1);
-        drop(ones);
-        assert_eq!(live[1].load(Ordering::Relaxed), 0);
-        let (to, _a) = b.place(0, permit(&s));
-        assert_eq!(to, 1);
-        let (to, _b) = b.place(1, permit(&s));
-        assert_eq!(
-            to, 1,
-            "worker 1 keeps what it accepts while it is the less busy"
-        );
-        drop(zeros);
-        assert_eq!(live[0].load(Ordering::Relaxed), 0);
-        assert_eq!(s.available_permits(), 998);
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_ahead_waits_until_the_others_catch_up() {
+        let s = Arc::new(Semaphore::new(100));
+        let b = Balance::new(2);
+        assert!(!b.ahead(0) && !b.ahead(1));
+        let a = b.admit(0, permit(&s));
+        assert!(b.ahead(0) && !b.ahead(1));
+        // Worker 0 waits; worker 1 accepting ends the wait, well before the patience.
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move {
+                let began = tokio::time::Instant::now();
+                b.turn(0, PATIENCE).await;
+                began.elapsed()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        let c = b.admit(1, permit(&s));
+        let waited = waiting.await.unwrap();
+        assert_eq!(waited, Duration::from_millis(3));
+        // A connection closing on the busier worker ends a wait too.
+        let d = b.admit(1, permit(&s));
+        assert!(b.ahead(1));
+        let waiting = tokio::spawn({
+            let b = b.clone();
+            async move { b.turn(1, PATIENCE).await }
+        });
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(!waiting.is_finished());
+        drop(d);
+        waiting.await.unwrap();
+        assert_eq!((b.live(0), b.live(1)), (1, 1));
+        drop((a, c));
+        assert_eq!((b.live(0), b.live(1)), (0, 0));
+        assert_eq!(s.available_permits(), 100);
     }
 
-    #[test]
-    fn an_even_split_moves_nothing() {
-        let s = Arc::new(Semaphore::new(1000));
-        let (b, _inboxes) = Balance::new(3);
-        let mut held = Vec::new();
-        for i in 0..30 {
-            let (to, a) = b.place(i % 3, permit(&s));
-            assert_eq!(to, i % 3);
-            held.push(a);
-        }
-        // Level: the accepting worker keeps it; one ahead: the next goes elsewhere.
-        let (to, _a) = b.place(2, permit(&s));
-        assert_eq!(to, 2);
-        let (to, _b) = b.place(2, permit(&s));
-        assert_eq!(to, 0);
-    }
-
-    #[test]
-    fn a_stopped_worker_gives_the_connection_back() {
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_ahead_accepts_anyway_after_its_patience() {
         let s = Arc::new(Semaphore::new(10));
-        let (b, mut inboxes) = Balance::new(2);
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let stream = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let peer = stream.local_addr().unwrap();
-        let (_, admission) = b.place(1, permit(&s));
-        drop(inboxes.pop());
-        let h = Handover {
-            stream,
-            peer,
-            transparent: false,
-            admission,
-        };
-        let back = b.hand_over(1, h).expect_err("worker 1 is gone");
-        assert_eq!(back.peer, peer);
-        drop(back);
-        assert_eq!(s.available_permits(), 10);
-        assert_eq!(b.live()[1].load(Ordering::Relaxed), 0);
+        let b = Balance::new(2);
+        let _a = b.admit(0, permit(&s));
+        let began = tokio::time::Instant::now();
+        b.turn(0, PATIENCE).await;
+        assert_eq!(began.elapsed(), PATIENCE);
+        // Level: no wait at all.
+        let _c = b.admit(1, permit(&s));
+        let began = tokio::time::Instant::now();
+        b.turn(0, PATIENCE).await;
+        assert_eq!(began.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn one_worker_is_never_ahead() {
+        let s = Arc::new(Semaphore::new(10));
+        let b = Balance::new(1);
+        let _a = b.admit(0, permit(&s));
+        let _c = b.admit(0, permit(&s));
+        assert!(!b.ahead(0));
     }
 }

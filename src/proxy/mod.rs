@@ -25,7 +25,7 @@
 //!   CONNECT target, for tools that ignore `HTTPS_PROXY`.
 //! - `error.rs`: [`ProxyError`] and its response.
 
-mod balance;
+pub(crate) mod balance;
 mod caps;
 pub(crate) mod connect;
 pub(crate) mod destination;
@@ -256,7 +256,8 @@ impl ProxyState {
 ///
 /// The data plane is thread-per-core: `limits.workers` threads (one per core by default), each
 /// with a single-threaded runtime that accepts from the shared listener, serves the connections
-/// it accepted (or was handed by a busier worker: `balance.rs`) and owns an upstream pool. A connection, its requests and the upstream
+/// it accepted and owns an upstream pool; a worker serving more connections than another
+/// leaves new ones to the others for a while (`balance.rs`). A connection, its requests and the upstream
 /// connections they ride on all stay on one thread, so a request costs no cross-thread wake-ups
 /// and h2's per-connection locks are never contended; under tokio's work-stealing runtime the
 /// same h2 load took 1.6 times the CPU per request. The token refresher and the admin endpoint
@@ -290,14 +291,13 @@ pub async fn run(
     };
     let (stop_tx, stop) = watch::channel(false);
     let (done_tx, done) = watch::channel(false);
-    let (balance, inboxes) = balance::Balance::new(workers);
-    let _ = state.metrics.worker_connections.set(balance.live());
+    let balance = balance::Balance::new(workers);
+    let _ = state.metrics.worker_connections.set(balance.clone());
     let mut exits = Vec::with_capacity(workers);
-    for (index, inbox) in inboxes.into_iter().enumerate() {
+    for index in 0..workers {
         let worker = Worker {
             index,
             balance: balance.clone(),
-            inbox,
         };
         match spawn_worker(
             worker,
@@ -342,12 +342,10 @@ pub async fn run(
     }
 }
 
-/// A worker's place among the others: its index, the shared balance, and its inbox of
-/// connections other workers accepted for it.
+/// A worker's place among the others: its index and the shared balance.
 struct Worker {
     index: usize,
     balance: Arc<balance::Balance>,
-    inbox: tokio::sync::mpsc::UnboundedReceiver<balance::Handover>,
 }
 
 /// Start `worker` on a thread of its own; the receiver resolves when it has stopped.
@@ -390,10 +388,10 @@ fn spawn_worker(
     Ok(exit)
 }
 
-/// One worker's accept loop: until shutdown begins, take a connection permit, accept, and
-/// serve here or hand over to a less busy worker; serve what other workers hand over.
+/// One worker's accept loop: until shutdown begins, take a connection permit, wait for this
+/// worker's turn (`balance.rs`), accept, serve.
 async fn accept_loop(
-    mut worker: Worker,
+    worker: Worker,
     listener: TcpListener,
     transparent: Option<TcpListener>,
     state: Arc<ProxyState>,
@@ -407,22 +405,6 @@ async fn accept_loop(
         state.protocols.clone(),
         state.metrics.clone(),
     ));
-    let conn_stop = stop.clone();
-    let serve = |stream, peer, is_transparent, admission| {
-        let serve = if is_transparent {
-            transparent::spawn
-        } else {
-            connect::spawn_client
-        };
-        serve(
-            stream,
-            peer,
-            state.clone(),
-            upstream.clone(),
-            conn_stop.clone(),
-            admission,
-        );
-    };
     loop {
         // Take a permit before accepting while there are free ones. At the cap, accept one
         // client and hold it (at most one per worker) while every idle connection is asked to
@@ -432,17 +414,14 @@ async fn accept_loop(
             Err(tokio::sync::TryAcquireError::Closed) => break,
             Err(tokio::sync::TryAcquireError::NoPermits) => None,
         };
+        if worker.balance.ahead(worker.index) {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                () = worker.balance.turn(worker.index, balance::PATIENCE) => {}
+            }
+        }
         let (stream, peer, is_transparent) = tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
-            Some(h) = worker.inbox.recv() => {
-                // Admitted by the worker that accepted it; the permit taken above goes back.
-                drop(permit);
-                match tokio::net::TcpStream::from_std(h.stream) {
-                    Ok(stream) => serve(stream, h.peer, h.transparent, h.admission),
-                    Err(e) => tracing::warn!(error = %e, "cannot take over a connection"),
-                }
-                continue;
-            }
             r = accept(&listener, transparent.as_ref()) => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -468,28 +447,20 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let (to, admission) = worker.balance.place(worker.index, permit);
-        if to == worker.index {
-            serve(stream, peer, is_transparent, admission);
-            continue;
-        }
-        let handover = match stream.into_std() {
-            Ok(stream) => balance::Handover {
-                stream,
-                peer,
-                transparent: is_transparent,
-                admission,
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot hand a connection over");
-                continue;
-            }
+        let admission = worker.balance.admit(worker.index, permit);
+        let serve = if is_transparent {
+            transparent::spawn
+        } else {
+            connect::spawn_client
         };
-        if worker.balance.hand_over(to, handover).is_err() {
-            // That worker has stopped accepting: shutdown has begun, and the connection is
-            // closed as if it had come a moment later.
-            tracing::debug!("a worker stopped before taking a connection over");
-        }
+        serve(
+            stream,
+            peer,
+            state.clone(),
+            upstream.clone(),
+            stop.clone(),
+            admission,
+        );
     }
 }
 
