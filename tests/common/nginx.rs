@@ -252,6 +252,14 @@ http {{
     }
 }
 
+/// A test that fails before `stop` still removes its directory (nginx itself is killed by
+/// `kill_on_drop`).
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The backend behind `/echo/`: HTTP/1.1 on loopback, answering with what nginx passed on.
 /// Also a plain-http origin in its own right.
 pub struct Echo {
