@@ -102,7 +102,10 @@ impl Pool {
                 Ok(c) => c,
                 Err(Refused::Failed(e)) => return Sent::Answer(Err(e)),
                 Err(Refused::SpeaksH2) => {
+                    // As it came: absolute URI, and no `Host` (the h2 leg carries `:authority`
+                    // only; `headers::check_authority` took the client's out).
                     *req.uri_mut() = uri;
+                    req.headers_mut().remove(HOST);
                     return Sent::SpeaksH2(req);
                 }
             };
