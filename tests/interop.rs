@@ -567,6 +567,73 @@ async fn the_proxy_prefers_aes_128_gcm_sha256_with_clients_that_list_aes_256_fir
     nginx.stop().await;
 }
 
+/// Python's `ssl` (OpenSSL, a client nobody here wrote): CONNECT, TLS 1.3 trusting the proxy's
+/// CA, one request with `Connection: close`, then the same again offering the first session.
+/// Prints each answer's status line, whether the session was resumed, and the TLS version.
+const RESUMING_CLIENT: &str = r#"
+import json, socket, ssl, sys
+proxy_port, ca, host = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+def once(session):
+    s = socket.create_connection(("127.0.0.1", proxy_port), timeout=20)
+    s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    t = ctx.wrap_socket(s, server_hostname=host, session=session)
+    t.sendall(f"GET /empty HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+    answer = b""
+    while chunk := t.recv(65536):
+        answer += chunk
+    out = [answer.split(b"\r\n", 1)[0].decode(), t.session_reused, t.version()]
+    session = t.session
+    t.close()
+    return out, session
+first, session = once(None)
+second, _ = once(session)
+print(json.dumps([first, second]))
+"#;
+
+/// The session tickets the proxy holds back until its first answer (`proxy/tickets.rs`) reach
+/// a client nobody here wrote: OpenSSL, through Python, resumes its TLS 1.3 session with them
+/// on a second connection, and both requests reach nginx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openssl_client_resumes_with_the_tickets_that_came_with_the_answer() {
+    let nginx = Nginx::start(true, NAMES).await;
+    let sb = sandbox_for(&nginx).await;
+    let port = sb.server.proxy_addr().port().to_string();
+    let ca = sb.ca_path();
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", RESUMING_CLIENT, &port])
+        .arg(&ca)
+        .arg(HOST)
+        .env("SSL_CERT_FILE", &ca)
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        got[0],
+        serde_json::json!(["HTTP/1.1 204 No Content", false, "TLSv1.3"])
+    );
+    assert_eq!(
+        got[1],
+        serde_json::json!(["HTTP/1.1 204 No Content", true, "TLSv1.3"])
+    );
+    assert_eq!(nginx.seen_at_least(2).await.len(), 2);
+    sb.shutdown().await;
+    nginx.stop().await;
+}
+
 /// A gRPC origin that is not hyper: Python grpcio, with a generic handler (no generated
 /// code). Each answer says which `authorization` the server saw.
 const GRPC_SERVER: &str = r#"

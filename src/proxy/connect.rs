@@ -22,8 +22,8 @@ use super::balance::Admission;
 use super::error::{to_response, ProxyError};
 use super::forward::{self, Target};
 use super::idle::{self, Activity, TunnelEnd};
-use super::token_endpoint;
 use super::upstream::UpstreamClient;
+use super::{tickets, token_endpoint};
 use super::{Body, ProxyState};
 use crate::clients::ClientRef;
 
@@ -443,6 +443,8 @@ async fn intercept_tls<IO>(
     let _open = crate::metrics::Open::new(&m.intercepts_total, &m.intercepts_open);
     let limits = &state.config.limits;
     let accepting = async {
+        // The session tickets wait for the first answer (see `tickets`).
+        let io = tickets::Coalesce::new(io);
         let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io);
         let start = match acceptor.await {
             Ok(s) => s,
@@ -588,12 +590,12 @@ impl Session {
 /// The rest of the TLS handshake once the client hello is in: check its server name, mint a
 /// leaf for the CONNECT host, accept. `None` (logged) if any step fails.
 async fn handshake<IO>(
-    start: tokio_rustls::StartHandshake<IO>,
+    start: tokio_rustls::StartHandshake<tickets::Coalesce<IO>>,
     host: &str,
     port: u16,
     peer: SocketAddr,
     state: &ProxyState,
-) -> Option<tokio_rustls::server::TlsStream<IO>>
+) -> Option<tokio_rustls::server::TlsStream<tickets::Coalesce<IO>>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -619,7 +621,7 @@ where
             return None;
         }
     };
-    match start.into_stream(config).await {
+    match tickets::accept(start.into_stream(config)).await {
         Ok(t) => Some(t),
         Err(e) => {
             // Most often the client does not trust the proxy's CA: say so where users look.

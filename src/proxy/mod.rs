@@ -19,6 +19,8 @@
 //! - `memory.rs`: free memory returned to the system once a burst of connections is over.
 //! - `multiplex.rs`: a worker's one h2 connection per origin, used without a pool.
 //! - `pool.rs`: a worker's HTTP/1.1 upstream connections, and requests waiting for one.
+//! - `tickets.rs`: a TLS 1.3 client's session tickets sent with the first answer, not in a
+//!   write of their own.
 //! - `token_endpoint.rs`: `facade.token_endpoint`, the OAuth2 token endpoint answered with a
 //!   placeholder.
 //! - `transparent.rs`: the transparent TLS listener: the client hello's server name as a
@@ -36,6 +38,7 @@ mod idle;
 mod memory;
 mod multiplex;
 mod pool;
+mod tickets;
 mod token_endpoint;
 pub mod transparent;
 mod upload;
