@@ -87,13 +87,16 @@ impl<IO: AsyncWrite + Unpin> Coalesce<IO> {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let first = bufs.iter().find(|b| !b.is_empty()).and_then(|b| b.first());
-        let len: usize = bufs.iter().map(|b| b.len()).sum();
         if self.held.is_empty() {
-            if self.holding && first == Some(&APPLICATION_DATA) && len <= MAX_COALESCED {
-                self.held.reserve_exact(len);
-                bufs.iter().for_each(|b| self.held.extend_from_slice(b));
-                return Poll::Ready(Ok(len));
+            // Every write after the handshake comes this way: one branch, then the socket.
+            if self.holding {
+                let first = bufs.iter().find(|b| !b.is_empty()).and_then(|b| b.first());
+                let len: usize = bufs.iter().map(|b| b.len()).sum();
+                if first == Some(&APPLICATION_DATA) && len <= MAX_COALESCED {
+                    self.held.reserve_exact(len);
+                    bufs.iter().for_each(|b| self.held.extend_from_slice(b));
+                    return Poll::Ready(Ok(len));
+                }
             }
             return Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         }
