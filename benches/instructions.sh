@@ -3,6 +3,8 @@
 #
 #   bash benches/instructions.sh [PROXY_BIN]     # default: target/release/impersonate-proxy
 #   MODE=a|c|d N=20000 bash benches/instructions.sh
+#   UPSTREAM_H2=0 MODE=a bash benches/instructions.sh     # nginx offering HTTP/1.1 only
+#   KEEP=/tmp/cg.out ...                                   # keep callgrind's output
 #
 # Wall-clock figures on a shared machine swing from run to run; instruction counts do not depend
 # on what else the machine is doing, so two builds can be compared one after the other. The set-up
@@ -28,6 +30,11 @@ case $mode in
     d) args=(-c 1 --http2 -p 100) ;;
     *) echo "MODE is a, c or d" >&2; exit 2 ;;
 esac
+listen_h2=http2
+if [ "${UPSTREAM_H2:-1}" = 0 ]; then
+    [ "$mode" = d ] && { echo "MODE=d needs an h2 upstream" >&2; exit 2; }
+    listen_h2=
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -63,7 +70,7 @@ http {
     uwsgi_temp_path $work; scgi_temp_path $work;
     keepalive_requests 10000000;
     server {
-        listen 127.0.0.1:$origin_port ssl http2;
+        listen 127.0.0.1:$origin_port ssl $listen_h2;
         ssl_certificate $work/origin.pem;
         ssl_certificate_key $work/origin.key;
         location / { return 200 "{\"kind\":\"storage#object\",\"name\":\"object.bin\"}\n"; }
@@ -117,6 +124,7 @@ sleep 1
 ok=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["statusCodeDistribution"].get("200", 0))' oha.json)
 [ "${ok:-0}" -gt 0 ] || { echo "no request succeeded through the proxy" >&2; cat proxy.log >&2; exit 1; }
 dump=$(ls cg.out.* | head -1)
+[ -n "${KEEP:-}" ] && cp "$dump" "$KEEP"
 total=$(awk '/^(summary|totals):/ {print $2; exit}' "$dump")
 echo "proxy: $bin"
 echo "mode $mode: $total instructions over $ok requests (200s of $n) = $((total / ok)) per request"

@@ -300,7 +300,7 @@ async fn forward(
             }
         });
     }
-    let sent = tokio::time::timeout(timeout, Box::pin(upstream.request(req)));
+    let sent = tokio::time::timeout(timeout, upstream.request(req));
     let mut resp = match sent.await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => return Err(ProxyError::from_upstream(target.host_port(), &*e)),
@@ -383,6 +383,21 @@ fn upstream_uri(target: &Target, incoming: Uri, tls_upgrade: bool) -> Result<Uri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every intercepted request allocates this future, boxed, and moves it there: it stays
+    /// small. It was 2,032 bytes with a boxed 9,208-byte upstream send beside it; the paths
+    /// only some requests take (a connect, the HTTP/1.1 pool) are boxed on their own.
+    #[test]
+    fn a_request_s_state_stays_small() {
+        fn state_of<A, B, C, D, E, F: std::future::Future>(_: fn(A, B, C, D, E) -> F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let bytes = state_of(request);
+        assert!(
+            bytes <= 3 * 1024,
+            "forward::request's future is {bytes} bytes"
+        );
+    }
 
     #[test]
     fn upstream_uri_keeps_path_and_query_and_drops_default_port() {

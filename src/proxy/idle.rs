@@ -63,9 +63,37 @@ impl Activity {
 pub(crate) struct Busy(Arc<Activity>);
 
 /// `fut`, counted as a request in flight until it completes or is dropped.
-pub(crate) async fn counted<F: Future>(busy: Busy, fut: F) -> F::Output {
-    let _busy = busy;
-    fut.await
+///
+/// A future of its own rather than an `async fn`: an `async fn` keeps its argument apart from
+/// what it awaits, so it was twice the size of the request it wraps (4,088 bytes around
+/// `forward::request`'s 2,032, `-Zprint-type-sizes`), and every request's box was allocated
+/// and copied at that size.
+pub(crate) fn counted<F: Future>(busy: Busy, fut: F) -> InFlight<F> {
+    InFlight {
+        fut,
+        busy: Some(busy),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`counted`].
+    pub(crate) struct InFlight<F> {
+        #[pin]
+        fut: F,
+        // Let go when `fut` is ready, whoever holds this future after.
+        busy: Option<Busy>,
+    }
+}
+
+impl<F: Future> Future for InFlight<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        this.busy.take();
+        Poll::Ready(out)
+    }
 }
 
 impl Drop for Busy {
