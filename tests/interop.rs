@@ -400,6 +400,48 @@ async fn five_hundred_requests_on_one_connection_to_an_http1_nginx() {
     five_hundred_requests_on_one_connection(false).await;
 }
 
+/// nginx ends an h2 connection after `keepalive_requests` with a GOAWAY (RFC 9113 §6.8: no new
+/// streams on it) and closes it. The proxy drives its upstream h2 connections with the `h2`
+/// crate itself: a connection whose driver has ended is forgotten, and one that has received
+/// the GOAWAY but is not yet forgotten refuses the next stream before anything is sent, so the
+/// request goes on a new connection either way (with both removed, 7 of these 12 fail).
+/// Twelve requests one after another on one client connection, nginx closing every fifth: all
+/// answered, on at least three upstream connections, none counted as an upstream error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_after_an_h2_nginx_s_goaway_go_on_a_new_connection() {
+    let nginx = Nginx::start_closing_after(true, NAMES, 5).await;
+    let sb = sandbox_for(&nginx).await;
+    nginx.serve_file("small.txt", b"goaway\n");
+    let mut args = vec![
+        "--http1.1".to_string(),
+        "-w".into(),
+        "%{http_code}\n".into(),
+    ];
+    for _ in 0..12 {
+        args.extend(["-o".into(), "/dev/null".into(), url("/files/small.txt")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = curl_ok(&sb, &args).await;
+    assert_eq!(out.lines().filter(|l| *l == "200").count(), 12, "{out}");
+    let seen = nginx.seen_at_least(12).await;
+    let conns: std::collections::BTreeSet<&str> =
+        seen.iter().map(|s| s["conn"].as_str().unwrap()).collect();
+    assert!(
+        conns.len() >= 3,
+        "nginx closes every fifth: {} connections",
+        conns.len()
+    );
+    let errors = sb
+        .server
+        .state()
+        .metrics
+        .upstream_errors_total
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(errors, 0, "no request failed on a connection going away");
+    sb.shutdown().await;
+    nginx.stop().await;
+}
+
 /// A client that gives up on a GET in flight to an HTTP/1.1 origin does not cost the proxy its
 /// upstream connection: the request is finished and its answer read on a task of its own, and
 /// the next request rides the same connection to nginx (nginx's `$connection` serial). Before,

@@ -137,6 +137,9 @@ impl ProxyError {
 pub enum BodyError {
     #[error(transparent)]
     Origin(#[from] hyper::Error),
+    /// An h2 stream's (`multiplex.rs`).
+    #[error(transparent)]
+    H2(#[from] h2::Error),
     #[error("the origin sent nothing for {0} (upstream.body_idle_timeout)")]
     Idle(String),
 }

@@ -34,9 +34,10 @@ use tower::Service;
 
 use super::caps::{Capped, UpstreamCaps};
 use super::destination::Destinations;
+use super::error::BodyError;
 use super::error::ProxyError;
 use super::headers::{self, RequestedUpgrade};
-use super::multiplex::Multiplex;
+use super::multiplex::{self, H2Body, Multiplex, SendError};
 use super::pool::{Pool, Sent};
 use super::upload::Upload;
 use crate::config::UpstreamConfig;
@@ -65,9 +66,9 @@ impl UpstreamClient {
     /// HTTP/1.1 (`benches/instructions.sh`).
     pub fn request(&self, req: Request<Upload>) -> Sending<'_, impl Future<Output = LiveSent>> {
         if req.uri().scheme() == Some(&Scheme::HTTPS) {
-            if let Some((id, mut send)) = self.multiplex.live(req.uri()) {
+            if let Some((id, conn)) = self.multiplex.live(req.uri()) {
                 return Sending::Live {
-                    sent: send.try_send_request(req),
+                    sent: multiplex::send(conn, req),
                     id,
                     client: self,
                 };
@@ -118,7 +119,7 @@ impl UpstreamClient {
 
     /// No live h2 connection: open one, or learn that the origin speaks HTTP/1.1 and use the
     /// pool.
-    async fn connect_and_send(&self, req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
+    async fn connect_and_send(&self, req: Request<Upload>) -> Result<Response<UpBody>, BoxError> {
         match self.multiplex.connect_and_send(req).await {
             Ok(sent) => sent,
             Err(http1) => self.send_pooled(http1).await,
@@ -127,7 +128,7 @@ impl UpstreamClient {
 
     /// The HTTP/1.1 leg (the worker's pool): the rows of the header table that only an
     /// HTTP/1.1 origin needs, then the pool.
-    async fn send_pooled(&self, mut req: Request<Upload>) -> Result<Response<Incoming>, BoxError> {
+    async fn send_pooled(&self, mut req: Request<Upload>) -> Result<Response<UpBody>, BoxError> {
         let upgrade = req.extensions_mut().remove::<RequestedUpgrade>();
         headers::for_http1(req.headers_mut(), upgrade.as_ref());
         let finish = upgrade.is_none() && finishes_if_abandoned(&req);
@@ -138,7 +139,7 @@ impl UpstreamClient {
             sent.await
         };
         match sent {
-            Sent::Answer(answer) => answer,
+            Sent::Answer(answer) => answer.map(|resp| resp.map(UpBody::Http1)),
             // The origin's new connection negotiated h2: the h2 path takes the request.
             Sent::SpeaksH2(req) => match Box::pin(self.multiplex.connect_and_send(req)).await {
                 Ok(answer) => answer,
@@ -148,11 +149,50 @@ impl UpstreamClient {
     }
 }
 
-/// What a send on a live h2 connection comes to: hyper hands the request back if it never
-/// left.
-type LiveSent = Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Upload>>>;
+/// What a send on a live h2 connection comes to: the request comes back if the connection
+/// took no new stream.
+type LiveSent = Result<Response<UpBody>, SendError>;
 
-type BoxSent<'a> = Pin<Box<dyn Future<Output = Result<Response<Incoming>, BoxError>> + Send + 'a>>;
+type BoxSent<'a> = Pin<Box<dyn Future<Output = Result<Response<UpBody>, BoxError>> + Send + 'a>>;
+
+/// An origin's response body: an HTTP/1.1 connection's (hyper's) or an h2 stream's.
+pub enum UpBody {
+    Http1(Incoming),
+    H2(H2Body),
+}
+
+impl http_body::Body for UpBody {
+    type Data = bytes::Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpBody::Http1(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::Origin))),
+            UpBody::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError::H2))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Http1(b) => b.is_end_stream(),
+            UpBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpBody::Http1(b) => b.size_hint(),
+            UpBody::H2(b) => b.size_hint(),
+        }
+    }
+}
 
 pin_project_lite::pin_project! {
     /// [`UpstreamClient::request`]'s future.
@@ -171,7 +211,7 @@ pin_project_lite::pin_project! {
 }
 
 impl<F: Future<Output = LiveSent>> Future for Sending<'_, F> {
-    type Output = Result<Response<Incoming>, BoxError>;
+    type Output = Result<Response<UpBody>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
@@ -179,14 +219,12 @@ impl<F: Future<Output = LiveSent>> Future for Sending<'_, F> {
                 SendingProj::Other { other } => return other.as_mut().poll(cx),
                 SendingProj::Live { sent, id, client } => match std::task::ready!(sent.poll(cx)) {
                     Ok(resp) => return Poll::Ready(Ok(resp)),
-                    Err(mut e) => match e.take_message() {
-                        // Never sent: the connection was going away. Again, on a new one.
-                        Some(back) => {
-                            tracing::debug!(error = %e.into_error(), "h2 connection gone; sending on a new one");
-                            (back, *id, *client)
-                        }
-                        None => return Poll::Ready(Err(e.into_error().into())),
-                    },
+                    // Never sent: the connection was going away. Again, on a new one.
+                    Err(SendError::Refused(back, e)) => {
+                        tracing::debug!(error = %e, "h2 connection gone; sending on a new one");
+                        (*back, *id, *client)
+                    }
+                    Err(SendError::Failed(e)) => return Poll::Ready(Err(Box::new(e))),
                 },
             };
             client.multiplex.forget(back.uri(), id);

@@ -50,6 +50,21 @@ impl Nginx {
     /// `gcp-storage-emulator`), which sees the client's `Host`; its `http://` redirects are
     /// rewritten to `https://`, as they would be behind Google's own front end.
     pub async fn start_with(h2: bool, names: &[&str], app: Option<SocketAddr>) -> Nginx {
+        Nginx::start_conf(h2, names, app, 100_000).await
+    }
+
+    /// As [`Nginx::start`], ending each client connection after `keepalive_requests` requests:
+    /// on h2, with a GOAWAY once the last one has come (nginx 1.19.7 and later).
+    pub async fn start_closing_after(h2: bool, names: &[&str], keepalive_requests: u32) -> Nginx {
+        Nginx::start_conf(h2, names, None, keepalive_requests).await
+    }
+
+    async fn start_conf(
+        h2: bool,
+        names: &[&str],
+        app: Option<SocketAddr>,
+        keepalive_requests: u32,
+    ) -> Nginx {
         assert!(
             Path::new(NGINX).exists(),
             "{NGINX} is missing: the interop tests need Debian's nginx \
@@ -98,7 +113,7 @@ http {{
         ssl_certificate_key {d}/key.pem;
         access_log {d}/access.log seen;
         client_max_body_size 0;
-        keepalive_requests 100000;
+        keepalive_requests {keepalive_requests};
         location /echo/ {{
             proxy_pass http://{backend_addr};
             proxy_http_version 1.1;
