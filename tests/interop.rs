@@ -45,6 +45,24 @@ async fn curl_ok(sb: &Sandbox, args: &[&str]) -> String {
 }
 
 /// The header lines the backend behind nginx received (duplicates kept).
+/// curl fetching `path` `times` times on one connection (`version`: `--http1.1`, `--http2`),
+/// printing `write_out` after each; its output.
+async fn curl_repeat(
+    sb: &Sandbox,
+    version: &str,
+    write_out: &str,
+    path: &str,
+    times: usize,
+) -> String {
+    let mut args = vec![version.to_string(), "-w".into(), write_out.into()];
+    // `-o` applies to one URL: each gets its own.
+    for _ in 0..times {
+        args.extend(["-o".into(), "/dev/null".into(), url(path)]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    curl_ok(sb, &args).await
+}
+
 fn backend_headers(v: &Value, name: &str) -> Vec<String> {
     v["headers"]
         .as_array()
@@ -346,17 +364,8 @@ async fn five_hundred_requests_on_one_connection(h2_origin: bool) {
             .connections_total
             .load(std::sync::atomic::Ordering::Relaxed);
         let logged = nginx.seen().len();
-        let mut args = vec![
-            version.to_string(),
-            "-w".into(),
-            "%{http_code} %{num_connects}\n".into(),
-        ];
-        // `-o` applies to one URL: each gets its own.
-        for _ in 0..500 {
-            args.extend(["-o".into(), "/dev/null".into(), url("/files/small.txt")]);
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = curl_ok(&sb, &args).await;
+        let write_out = "%{http_code} %{num_connects}\n";
+        let out = curl_repeat(&sb, version, write_out, "/files/small.txt", 500).await;
         let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 500);
         assert!(lines.iter().all(|l| l.starts_with("200 ")), "{out}");
@@ -412,16 +421,7 @@ async fn requests_after_an_h2_nginx_s_goaway_go_on_a_new_connection() {
     let nginx = Nginx::start_closing_after(true, NAMES, 5).await;
     let sb = sandbox_for(&nginx).await;
     nginx.serve_file("small.txt", b"goaway\n");
-    let mut args = vec![
-        "--http1.1".to_string(),
-        "-w".into(),
-        "%{http_code}\n".into(),
-    ];
-    for _ in 0..12 {
-        args.extend(["-o".into(), "/dev/null".into(), url("/files/small.txt")]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = curl_ok(&sb, &args).await;
+    let out = curl_repeat(&sb, "--http1.1", "%{http_code}\n", "/files/small.txt", 12).await;
     assert_eq!(out.lines().filter(|l| *l == "200").count(), 12, "{out}");
     let seen = nginx.seen_at_least(12).await;
     let conns: std::collections::BTreeSet<&str> =

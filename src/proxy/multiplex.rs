@@ -365,7 +365,7 @@ pub async fn send(mut conn: H2Send, req: Request<Upload>) -> Result<Response<UpB
     }
     let resp = response.await.map_err(SendError::Failed)?;
     let (parts, recv) = resp.into_parts();
-    let body = H2Body::new(recv).with_length(&parts.headers);
+    let body = H2Body::new(recv, &parts.headers);
     Ok(Response::from_parts(parts, UpBody::H2(body)))
 }
 
@@ -440,24 +440,23 @@ pub struct H2Body {
 }
 
 impl H2Body {
-    fn new(recv: h2::RecvStream) -> H2Body {
+    /// The body of a response whose head is `headers`: its `content-length` gives the exact
+    /// size the client leg sees, none if the stream has ended already.
+    fn new(recv: h2::RecvStream, headers: &HeaderMap) -> H2Body {
+        let remaining = if recv.is_end_stream() {
+            Some(0)
+        } else {
+            headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        };
         H2Body {
-            remaining: recv.is_end_stream().then_some(0),
             recv,
+            remaining,
             data_done: false,
             done: false,
         }
-    }
-
-    /// With the response head's `content-length`, the body's exact size for the client leg.
-    pub fn with_length(mut self, headers: &HeaderMap) -> H2Body {
-        if self.remaining.is_none() {
-            self.remaining = headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok());
-        }
-        self
     }
 }
 
