@@ -36,58 +36,17 @@ if [ "${UPSTREAM_H2:-1}" = 0 ]; then
     listen_h2=
 fi
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    [ -s "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
-    sleep 0.2
-    rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+source benches/lib/setup.sh
 host=storage.googleapis.com
 origin_port=$(free_port); emu_port=$(free_port); proxy_port=$(free_port)
 
 # The origin: nginx with a certificate for the host from a CA of its own.
-cd "$work"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=bench-origin-ca \
-    -keyout origin-ca.key -out origin-ca.pem 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$host" \
-    -keyout origin.key -out origin.csr 2>/dev/null
-printf 'subjectAltName=DNS:%s\n' "$host" > origin.ext
-openssl x509 -req -in origin.csr -CA origin-ca.pem -CAkey origin-ca.key -CAcreateserial -days 2 \
-    -extfile origin.ext -out origin.pem 2>/dev/null
-cat > nginx.conf <<EOF
-worker_processes 1;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
-    uwsgi_temp_path $work; scgi_temp_path $work;
-    keepalive_requests 10000000;
-    server {
-        listen 127.0.0.1:$origin_port ssl $listen_h2;
-        ssl_certificate $work/origin.pem;
-        ssl_certificate_key $work/origin.key;
-        location / { return 200 "{\"kind\":\"storage#object\",\"name\":\"object.bin\"}\n"; }
-    }
-}
-EOF
-nginx -e "$work/nginx-error.log" -c "$work/nginx.conf"
-wait_port "$origin_port"
+origin_certs "$host"
+origin nginx "$origin_port" $listen_h2
 
 # The emulator, and the proxy under callgrind (counting from the start, zeroed after warm-up).
-cat > policy.yaml <<EOF
-users:
-  - { email: bench@example.com, client_id: bench-client, client_secret: bench-secret, refresh_token: bench-refresh }
-service_accounts:
-  - { email: bench@bench-project.iam.gserviceaccount.com, token_creators: ["user:bench@example.com"] }
-EOF
-printf '{"type":"authorized_user","client_id":"bench-client","client_secret":"bench-secret","refresh_token":"bench-refresh","token_uri":"http://127.0.0.1:%s/token"}\n' "$emu_port" > adc.json
+emulator_files "$emu_port" bench@bench-project.iam.gserviceaccount.com
+cd "$work"
 cat > config.yaml <<EOF
 listen: 127.0.0.1:$proxy_port
 admin: null

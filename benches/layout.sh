@@ -27,63 +27,18 @@ bin=$(realpath "${1:-target/release/impersonate-proxy}")
 [ -x "$bin" ] || { echo "no proxy binary at $bin (cargo build --release)" >&2; exit 2; }
 out=$(pwd)/src/link-order.txt
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    for f in "$work"/nginx-*.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
-    sleep 0.2
-    rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+source benches/lib/setup.sh
 h2host=storage.googleapis.com
 # oha looks a URL's name up even when it goes through a proxy, so the second origin's name is
 # one that resolves anywhere; the proxy sends it to the nginx without h2 all the same.
 h1host=localhost
 h2_port=$(free_port); h1_port=$(free_port); emu_port=$(free_port); proxy_port=$(free_port)
 
-cd "$work"
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=layout-origin-ca \
-    -keyout origin-ca.key -out origin-ca.pem 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$h2host" \
-    -keyout origin.key -out origin.csr 2>/dev/null
-printf 'subjectAltName=DNS:%s,DNS:%s\n' "$h2host" "$h1host" > origin.ext
-openssl x509 -req -in origin.csr -CA origin-ca.pem -CAkey origin-ca.key -CAcreateserial -days 2 \
-    -extfile origin.ext -out origin.pem 2>/dev/null
-origin() { # name port listen-flags
-    cat > "nginx-$1.conf" <<EOF
-worker_processes 1;
-pid $work/nginx-$1.pid;
-error_log $work/nginx-$1-error.log;
-events { worker_connections 1024; }
-http {
-    access_log off;
-    client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
-    uwsgi_temp_path $work; scgi_temp_path $work;
-    keepalive_requests 10000000;
-    server {
-        listen 127.0.0.1:$2 ssl $3;
-        ssl_certificate $work/origin.pem;
-        ssl_certificate_key $work/origin.key;
-        location / { return 200 "{\"kind\":\"storage#object\",\"name\":\"object.bin\"}\n"; }
-    }
-}
-EOF
-    nginx -e "$work/nginx-$1-error.log" -c "$work/nginx-$1.conf"
-    wait_port "$2"
-}
+origin_certs "$h2host" "$h1host"
 origin h2 "$h2_port" http2
-origin h1 "$h1_port" ""
-
-cat > policy.yaml <<EOF
-users:
-  - { email: layout@example.com, client_id: layout-client, client_secret: layout-secret, refresh_token: layout-refresh }
-service_accounts:
-  - { email: layout@layout-project.iam.gserviceaccount.com, token_creators: ["user:layout@example.com"] }
-EOF
-printf '{"type":"authorized_user","client_id":"layout-client","client_secret":"layout-secret","refresh_token":"layout-refresh","token_uri":"http://127.0.0.1:%s/token"}\n' "$emu_port" > adc.json
+origin h1 "$h1_port"
+emulator_files "$emu_port" layout@layout-project.iam.gserviceaccount.com
+cd "$work"
 cat > config.yaml <<EOF
 listen: 127.0.0.1:$proxy_port
 admin: null

@@ -652,6 +652,15 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A TLS client that trusts `ca` and nothing else.
+    fn client_trusting(ca: &CertificateAuthority) -> rustls::ClientConfig {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(first_pem_cert(ca.cert_pem()).unwrap()).unwrap();
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth()
+    }
+
     #[tokio::test]
     async fn a_client_trusting_only_the_ca_completes_a_handshake_with_alpn() {
         crate::install_crypto_provider();
@@ -662,11 +671,7 @@ mod tests {
             (vec![b"h2".to_vec(), b"http/1.1".to_vec()], b"h2".to_vec()),
             (vec![b"http/1.1".to_vec()], b"http/1.1".to_vec()),
         ] {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(first_pem_cert(ca.cert_pem()).unwrap()).unwrap();
-            let mut client_cfg = rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+            let mut client_cfg = client_trusting(&ca);
             client_cfg.alpn_protocols = offer;
             let (a, b) = tokio::io::duplex(64 * 1024);
             let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg.clone());
@@ -738,11 +743,7 @@ mod tests {
         let dir = temp_dir("tickets");
         let ca = CertificateAuthority::load_or_create(&cfg(&dir)).unwrap();
         let server_cfg = ca.server_config("storage.googleapis.com").unwrap();
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(first_pem_cert(ca.cert_pem()).unwrap()).unwrap();
-        let mut client_cfg = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut client_cfg = client_trusting(&ca);
         let store = Arc::new(CountingStore {
             inner: rustls::client::ClientSessionMemoryCache::new(16),
             tickets: Default::default(),

@@ -1,0 +1,69 @@
+# The shared harness's set-up on a small scale, for the scripts in benches/ (sourced, not run):
+# a work directory removed on exit with every process started, Debian's nginx as an origin with a
+# certificate from a CA of its own, and the emulator's policy with a source credential for it.
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    for f in "$work"/nginx-*.pid; do [ -s "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+    sleep 0.2
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+
+# origin_certs NAME...: origin-ca.pem, and origin.pem / origin.key for the names, in $work.
+origin_certs() {
+    (
+        cd "$work"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj /CN=bench-origin-ca -keyout origin-ca.key -out origin-ca.pem 2>/dev/null
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$1" \
+            -keyout origin.key -out origin.csr 2>/dev/null
+        local sans
+        sans=$(printf 'DNS:%s,' "$@")
+        printf 'subjectAltName=%s\n' "${sans%,}" > origin.ext
+        openssl x509 -req -in origin.csr -CA origin-ca.pem -CAkey origin-ca.key -CAcreateserial \
+            -days 2 -extfile origin.ext -out origin.pem 2>/dev/null
+    )
+}
+
+# origin NAME PORT [http2]: an nginx on 127.0.0.1:PORT answering every GET with a small JSON
+# object, as the shared harness's does; h2 too when the third argument is `http2`.
+origin() {
+    cat > "$work/nginx-$1.conf" <<EOF
+worker_processes 1;
+pid $work/nginx-$1.pid;
+error_log $work/nginx-$1-error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $work; proxy_temp_path $work; fastcgi_temp_path $work;
+    uwsgi_temp_path $work; scgi_temp_path $work;
+    keepalive_requests 10000000;
+    server {
+        listen 127.0.0.1:$2 ssl ${3:-};
+        ssl_certificate $work/origin.pem;
+        ssl_certificate_key $work/origin.key;
+        location / { return 200 "{\"kind\":\"storage#object\",\"name\":\"object.bin\"}\n"; }
+    }
+}
+EOF
+    nginx -e "$work/nginx-$1-error.log" -c "$work/nginx-$1.conf"
+    wait_port "$2"
+}
+
+# emulator_files EMU_PORT SERVICE_ACCOUNT: policy.yaml for the emulator, and adc.json, a user's
+# refresh token that the emulator on EMU_PORT takes, allowed to impersonate the account.
+emulator_files() {
+    cat > "$work/policy.yaml" <<EOF
+users:
+  - { email: bench@example.com, client_id: bench-client, client_secret: bench-secret, refresh_token: bench-refresh }
+service_accounts:
+  - { email: $2, token_creators: ["user:bench@example.com"] }
+EOF
+    printf '{"type":"authorized_user","client_id":"bench-client","client_secret":"bench-secret","refresh_token":"bench-refresh","token_uri":"http://127.0.0.1:%s/token"}\n' "$1" > "$work/adc.json"
+}
