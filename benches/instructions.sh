@@ -45,24 +45,8 @@ origin_certs "$host"
 origin nginx "$origin_port" $listen_h2
 
 # The emulator, and the proxy under callgrind (counting from the start, zeroed after warm-up).
-emulator_files "$emu_port" bench@bench-project.iam.gserviceaccount.com
+proxy_files "$emu_port" "$proxy_port" "$host=$origin_port"
 cd "$work"
-cat > config.yaml <<EOF
-listen: 127.0.0.1:$proxy_port
-admin: null
-ca: { cert: "$work/ca.pem", key: "$work/ca-key.pem" }
-source: { file: "$work/adc.json" }
-iam: { endpoint: "http://127.0.0.1:$emu_port" }
-identities:
-  bench: { service_account: bench@bench-project.iam.gserviceaccount.com }
-routes:
-  - { name: storage, host: $host, identity: bench }
-other_hosts: deny
-upstream:
-  system_roots: false
-  extra_roots: ["$work/origin-ca.pem"]
-  resolve: { "$host:443": "127.0.0.1:$origin_port" }
-EOF
 "$bin" ca init --config config.yaml --force >/dev/null
 "$bin" emulator --policy policy.yaml --listen "127.0.0.1:$emu_port" >emulator.log 2>&1 &
 pids+=($!)

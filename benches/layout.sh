@@ -37,25 +37,8 @@ h2_port=$(free_port); h1_port=$(free_port); emu_port=$(free_port); proxy_port=$(
 origin_certs "$h2host" "$h1host"
 origin h2 "$h2_port" http2
 origin h1 "$h1_port"
-emulator_files "$emu_port" layout@layout-project.iam.gserviceaccount.com
+proxy_files "$emu_port" "$proxy_port" "$h2host=$h2_port" "$h1host=$h1_port"
 cd "$work"
-cat > config.yaml <<EOF
-listen: 127.0.0.1:$proxy_port
-admin: null
-ca: { cert: "$work/ca.pem", key: "$work/ca-key.pem" }
-source: { file: "$work/adc.json" }
-iam: { endpoint: "http://127.0.0.1:$emu_port" }
-identities:
-  layout: { service_account: layout@layout-project.iam.gserviceaccount.com }
-routes:
-  - { name: h2, host: $h2host, identity: layout }
-  - { name: h1, host: $h1host, identity: layout }
-other_hosts: deny
-upstream:
-  system_roots: false
-  extra_roots: ["$work/origin-ca.pem"]
-  resolve: { "$h2host:443": "127.0.0.1:$h2_port", "$h1host:443": "127.0.0.1:$h1_port" }
-EOF
 "$bin" ca init --config config.yaml --force >/dev/null
 through=(-x "http://127.0.0.1:$proxy_port" --cacert "$work/ca.pem" -t 60s)
 load() { # oha's arguments; every request must be answered 200

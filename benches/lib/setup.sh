@@ -56,14 +56,38 @@ EOF
     wait_port "$2"
 }
 
-# emulator_files EMU_PORT SERVICE_ACCOUNT: policy.yaml for the emulator, and adc.json, a user's
-# refresh token that the emulator on EMU_PORT takes, allowed to impersonate the account.
-emulator_files() {
+# proxy_files EMU_PORT PROXY_PORT HOST=ORIGIN_PORT...: in $work, the emulator's policy.yaml and
+# adc.json (a user's refresh token it takes, allowed to impersonate one service account), and
+# config.yaml: the proxy on PROXY_PORT, tokens from the emulator on EMU_PORT, one route per
+# HOST, each sent to the nginx on its ORIGIN_PORT and trusted through origin-ca.pem.
+proxy_files() {
+    local emu=$1 listen=$2 account=bench@bench-project.iam.gserviceaccount.com
+    shift 2
     cat > "$work/policy.yaml" <<EOF
 users:
   - { email: bench@example.com, client_id: bench-client, client_secret: bench-secret, refresh_token: bench-refresh }
 service_accounts:
-  - { email: $2, token_creators: ["user:bench@example.com"] }
+  - { email: $account, token_creators: ["user:bench@example.com"] }
 EOF
-    printf '{"type":"authorized_user","client_id":"bench-client","client_secret":"bench-secret","refresh_token":"bench-refresh","token_uri":"http://127.0.0.1:%s/token"}\n' "$1" > "$work/adc.json"
+    printf '{"type":"authorized_user","client_id":"bench-client","client_secret":"bench-secret","refresh_token":"bench-refresh","token_uri":"http://127.0.0.1:%s/token"}\n' "$emu" > "$work/adc.json"
+    local routes="" resolve="" origin
+    for origin in "$@"; do
+        routes+="  - { name: ${origin%%=*}, host: ${origin%%=*}, identity: bench }"$'\n'
+        resolve+="\"${origin%%=*}:443\": \"127.0.0.1:${origin#*=}\", "
+    done
+    cat > "$work/config.yaml" <<EOF
+listen: 127.0.0.1:$listen
+admin: null
+ca: { cert: "$work/ca.pem", key: "$work/ca-key.pem" }
+source: { file: "$work/adc.json" }
+iam: { endpoint: "http://127.0.0.1:$emu" }
+identities:
+  bench: { service_account: $account }
+routes:
+${routes}other_hosts: deny
+upstream:
+  system_roots: false
+  extra_roots: ["$work/origin-ca.pem"]
+  resolve: { ${resolve%, } }
+EOF
 }
