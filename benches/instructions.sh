@@ -17,11 +17,9 @@
 # proxy's own user-space work. Needs valgrind, oha, nginx and openssl.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for c in valgrind callgrind_control oha nginx openssl python3; do
-    command -v "$c" >/dev/null || { echo "$c is needed" >&2; exit 2; }
-done
-bin=$(realpath "${1:-target/release/impersonate-proxy}")
-[ -x "$bin" ] || { echo "no proxy binary at $bin (cargo build --release)" >&2; exit 2; }
+source benches/lib/setup.sh
+needs valgrind callgrind_control oha nginx openssl python3
+bin=$(proxy_bin "${1:-}")
 mode=${MODE:-d}
 n=${N:-20000}
 case $mode in
@@ -36,7 +34,6 @@ if [ "${UPSTREAM_H2:-1}" = 0 ]; then
     listen_h2=
 fi
 
-source benches/lib/setup.sh
 host=storage.googleapis.com
 origin_port=$(free_port); emu_port=$(free_port); proxy_port=$(free_port)
 

@@ -20,14 +20,11 @@
 # Needs valgrind, oha, nginx, openssl, curl and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for c in valgrind oha nginx openssl curl python3; do
-    command -v "$c" >/dev/null || { echo "$c is needed" >&2; exit 2; }
-done
-bin=$(realpath "${1:-target/release/impersonate-proxy}")
-[ -x "$bin" ] || { echo "no proxy binary at $bin (cargo build --release)" >&2; exit 2; }
+source benches/lib/setup.sh
+needs valgrind oha nginx openssl curl python3
+bin=$(proxy_bin "${1:-}")
 out=$(pwd)/src/link-order.txt
 
-source benches/lib/setup.sh
 h2host=storage.googleapis.com
 # oha looks a URL's name up even when it goes through a proxy, so the second origin's name is
 # one that resolves anywhere; the proxy sends it to the nginx without h2 all the same.

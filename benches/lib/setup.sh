@@ -12,6 +12,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# needs COMMAND...: exit 2 naming the first one this machine lacks.
+needs() {
+    local c
+    for c in "$@"; do command -v "$c" >/dev/null || { echo "$c is needed" >&2; exit 2; }; done
+}
+
+# proxy_bin [PATH]: the binary to measure, absolute (default: the release build).
+proxy_bin() {
+    local bin
+    bin=$(realpath "${1:-target/release/impersonate-proxy}")
+    [ -x "$bin" ] || { echo "no proxy binary at $bin (cargo build --release)" >&2; exit 2; }
+    echo "$bin"
+}
+
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 600); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 
