@@ -113,7 +113,7 @@ fn main() -> ExitCode {
     impersonate_proxy::install_crypto_provider();
     // The control plane (token refresh, admin, emulator, demo); `run` serves requests on
     // worker threads of its own.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
