@@ -230,6 +230,58 @@ async fn direct_and_delegated_impersonation_and_their_failures() {
     emu.shutdown().await;
 }
 
+/// The OIDC key is made on first use, not at start-up: an ID token asked for first, or the
+/// certificates, make the one key that both then show.
+#[tokio::test]
+async fn the_oidc_key_made_on_first_use_is_the_one_kept() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let emu = start(POLICY).await;
+    let alice = alice_token(&emu).await;
+    let mut kids = Vec::new();
+    for _ in 0..2 {
+        let v: Value = http()
+            .post(format!(
+                "{}/v1/projects/-/serviceAccounts/target@p.iam.gserviceaccount.com:generateIdToken",
+                emu.url()
+            ))
+            .bearer_auth(&alice)
+            .json(&json!({"audience": "https://svc.a.run.app"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let header = v["token"].as_str().unwrap().split('.').next().unwrap();
+        let header: Value = serde_json::from_slice(&b64.decode(header).unwrap()).unwrap();
+        kids.push(header["kid"].as_str().unwrap().to_string());
+        let jwks: Value = http()
+            .get(format!("{}/oauth2/v3/certs", emu.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        kids.push(jwks["keys"][0]["kid"].as_str().unwrap().to_string());
+        let v1: Value = http()
+            .get(format!("{}/oauth2/v1/certs", emu.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let names: Vec<&String> = v1.as_object().unwrap().keys().collect();
+        assert_eq!(names.len(), 1);
+        kids.push(names[0].clone());
+    }
+    assert!(!kids[0].is_empty());
+    assert!(kids.iter().all(|k| *k == kids[0]), "{kids:?}");
+    emu.shutdown().await;
+}
+
 #[tokio::test]
 async fn id_tokens_verify_against_the_jwks() {
     use base64::Engine as _;

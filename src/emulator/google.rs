@@ -59,10 +59,14 @@ pub(crate) async fn handle(emu: &Emulator, req: Request<Incoming>) -> Resp {
                 Err(m) => google_error(400, "INVALID_ARGUMENT", &m),
             }
         }
-        (&Method::GET, "/oauth2/v3/certs") => ok_json(&emu.signer.jwks()),
-        (&Method::GET, "/oauth2/v1/certs") => {
-            ok_json(&json!({ emu.signer.kid.clone(): emu.signer.certificate_pem }))
-        }
+        (&Method::GET, "/oauth2/v3/certs") => match emu.oidc_signer() {
+            Ok(s) => ok_json(&s.jwks()),
+            Err(e) => google_error(500, "INTERNAL", &e.to_string()),
+        },
+        (&Method::GET, "/oauth2/v1/certs") => match emu.oidc_signer() {
+            Ok(s) => ok_json(&json!({ s.kid.clone(): s.certificate_pem })),
+            Err(e) => google_error(500, "INTERNAL", &e.to_string()),
+        },
         (&Method::GET, p) if p.starts_with("/service_accounts/v1/") => public_keys(emu, p),
         (_, "/tokeninfo") => {
             count(&emu.stats.tokeninfo);
@@ -140,7 +144,13 @@ fn public_keys(emu: &Emulator, path: &str) -> Resp {
             None => return google_error(404, "NOT_FOUND", "Not found."),
         }
     };
-    let signer: &jwt::Signer = key.as_deref().unwrap_or(&emu.signer);
+    let signer: &jwt::Signer = match key.as_deref() {
+        Some(k) => k,
+        None => match emu.oidc_signer() {
+            Ok(s) => s,
+            Err(e) => return google_error(500, "INTERNAL", &e.to_string()),
+        },
+    };
     match format {
         "x509" => ok_json(&json!({ signer.kid.clone(): signer.certificate_pem })),
         "jwk" => ok_json(&signer.jwks()),
@@ -303,7 +313,10 @@ fn tokeninfo(emu: &Emulator, form: &HashMap<String, String>) -> Resp {
             return invalid();
         };
         let exp = jwt.claims.get("exp").and_then(Value::as_u64).unwrap_or(0);
-        if !jwt.verify_with(&emu.signer) || exp <= unix_now() {
+        let signed = emu
+            .oidc_signer_if_made()
+            .is_some_and(|s| jwt.verify_with(s));
+        if !signed || exp <= unix_now() {
             return invalid();
         }
         return ok_json(&jwt.claims);

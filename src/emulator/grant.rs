@@ -84,7 +84,7 @@ pub(super) fn jwt_bearer(emu: &Emulator, form: &HashMap<String, String>) -> Resp
         let mut claims = id_token_claims(emu, &ServiceAccountRef::from(sa), audience, true);
         // Key-file ID tokens name the account as the authorised party.
         claims["azp"] = json!(sa.email);
-        return match emu.signer.jwt(&claims) {
+        return match emu.oidc_signer().and_then(|s| s.jwt(&claims)) {
             Ok(t) => ok_json(&json!({"id_token": t})),
             Err(e) => oauth_error(500, "internal_failure", &e.to_string()),
         };

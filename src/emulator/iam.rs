@@ -250,12 +250,8 @@ pub(super) fn iam(
         }
         "generateIdToken" => {
             let audience = req.get("audience").and_then(Value::as_str).unwrap_or("");
-            match emu.signer.jwt(&id_token_claims(
-                emu,
-                &target.into(),
-                audience,
-                include_email,
-            )) {
+            let claims = id_token_claims(emu, &target.into(), audience, include_email);
+            match emu.oidc_signer().and_then(|s| s.jwt(&claims)) {
                 Ok(t) => ok_json(&json!({"token": t})),
                 Err(e) => google_error(500, "INTERNAL", &e.to_string()),
             }

@@ -93,8 +93,8 @@ impl Instance for EmulatedInstance<'_> {
                 }});
             }
             self.0
-                .signer
-                .jwt(&claims)
+                .oidc_signer()
+                .and_then(|s| s.jwt(&claims))
                 .map_err(|e| MetadataError::Unavailable(e.to_string()))
         })
     }

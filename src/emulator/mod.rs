@@ -22,7 +22,7 @@ pub mod policy;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
@@ -185,7 +185,10 @@ pub const OIDC_SIGNER: &str = "federated-signon@system.gserviceaccount.com";
 pub(crate) struct Emulator {
     pub policy: Policy,
     /// The OIDC key: ID tokens only, published at `/oauth2/v3/certs` and `/oauth2/v1/certs`.
-    pub signer: jwt::Signer,
+    /// Made on first use ([`Emulator::oidc_signer`]), as the accounts' keys are: most runs ask
+    /// only for access tokens, and an RSA-2048 key took the emulator's start-up 50 – 500 ms
+    /// and 0.5 MB of memory it kept (the key generation's code and its thread).
+    signer: OnceLock<jwt::Signer>,
     /// Each service account's Google-managed key (signJwt, signBlob), made on first use and
     /// published at `/service_accounts/v1/metadata/{x509,jwk,raw}/EMAIL`. Keyed by lowercase email.
     pub account_keys: DashMap<String, Arc<jwt::Signer>>,
@@ -241,6 +244,21 @@ impl Drop for EmulatorHandle {
 }
 
 impl Emulator {
+    /// The OIDC key, made on the first call.
+    pub(crate) fn oidc_signer(&self) -> Result<&jwt::Signer, EmulatorError> {
+        if let Some(s) = self.signer.get() {
+            return Ok(s);
+        }
+        // Two first calls at once may both make one; the first stored is the one kept.
+        let made = jwt::Signer::generate(OIDC_SIGNER)?;
+        Ok(self.signer.get_or_init(|| made))
+    }
+
+    /// The OIDC key if one was made: no ID token can have been signed before that.
+    pub(crate) fn oidc_signer_if_made(&self) -> Option<&jwt::Signer> {
+        self.signer.get()
+    }
+
     /// The Google-managed key of a service account the emulator knows (the policy's accounts
     /// and the metadata instance's), or None.
     pub(crate) fn account_key(
@@ -286,12 +304,9 @@ pub async fn start(listener: TcpListener, policy: Policy) -> Result<EmulatorHand
     faults.set_latency(policy.faults.latency.unwrap_or_default());
     faults.set_burst_429(policy.faults.burst_429);
     faults.set_down(policy.faults.down);
-    let signer = tokio::task::spawn_blocking(|| jwt::Signer::generate(OIDC_SIGNER))
-        .await
-        .map_err(|e| EmulatorError::Crypto(e.to_string()))??;
     let inner = Arc::new(Emulator {
         policy,
-        signer,
+        signer: OnceLock::new(),
         account_keys: DashMap::new(),
         tokens: DashMap::new(),
         stats: Arc::new(Stats::default()),
