@@ -230,6 +230,11 @@ async fn direct_and_delegated_impersonation_and_their_failures() {
     emu.shutdown().await;
 }
 
+/// The body of an answer, as JSON.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 /// The OIDC key is made on first use, not at start-up: an ID token asked for first, or the
 /// certificates, make the one key that both then show.
 #[tokio::test]
@@ -238,41 +243,25 @@ async fn the_oidc_key_made_on_first_use_is_the_one_kept() {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let emu = start(POLICY).await;
     let alice = alice_token(&emu).await;
+    let target = "target@p.iam.gserviceaccount.com";
     let mut kids = Vec::new();
     for _ in 0..2 {
-        let v: Value = http()
-            .post(format!(
-                "{}/v1/projects/-/serviceAccounts/target@p.iam.gserviceaccount.com:generateIdToken",
-                emu.url()
-            ))
-            .bearer_auth(&alice)
-            .json(&json!({"audience": "https://svc.a.run.app"}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let header = v["token"].as_str().unwrap().split('.').next().unwrap();
+        let token = json_of(
+            http()
+                .post(format!(
+                    "{}/v1/projects/-/serviceAccounts/{target}:generateIdToken",
+                    emu.url()
+                ))
+                .bearer_auth(&alice)
+                .json(&json!({"audience": "https://svc.a.run.app"})),
+        )
+        .await;
+        let header = token["token"].as_str().unwrap().split('.').next().unwrap();
         let header: Value = serde_json::from_slice(&b64.decode(header).unwrap()).unwrap();
         kids.push(header["kid"].as_str().unwrap().to_string());
-        let jwks: Value = http()
-            .get(format!("{}/oauth2/v3/certs", emu.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        kids.push(jwks["keys"][0]["kid"].as_str().unwrap().to_string());
-        let v1: Value = http()
-            .get(format!("{}/oauth2/v1/certs", emu.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v3 = json_of(http().get(format!("{}/oauth2/v3/certs", emu.url()))).await;
+        kids.push(v3["keys"][0]["kid"].as_str().unwrap().to_string());
+        let v1 = json_of(http().get(format!("{}/oauth2/v1/certs", emu.url()))).await;
         let names: Vec<&String> = v1.as_object().unwrap().keys().collect();
         assert_eq!(names.len(), 1);
         kids.push(names[0].clone());
