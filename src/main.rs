@@ -111,8 +111,10 @@ fn main() -> ExitCode {
         .then(|| std::env::temp_dir().join("impersonate-proxy-demo.log"));
     init_tracing(cli.log_format, log_file.as_deref());
     impersonate_proxy::install_crypto_provider();
-    // The control plane (token refresh, admin, emulator, demo); `run` serves requests on
-    // worker threads of its own.
+    // The control plane (token refresh, admin, reload, the emulator and demo commands), on this
+    // thread; `run` serves requests on worker threads of its own, a current-thread runtime
+    // each. No runtime here is multi-threaded, so tokio is built without that scheduler (and
+    // the libm it alone needed): see Cargo.toml.
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
