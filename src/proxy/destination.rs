@@ -73,7 +73,21 @@ impl Cidr {
             .ok()?;
         let max = if net.is_ipv4() { 32 } else { 128 };
         let prefix = prefix.unwrap_or(max);
-        (prefix <= max).then_some(Cidr { net, prefix })
+        if prefix > max {
+            return None;
+        }
+        // An IPv4 network written in IPv4-mapped form (`::ffff:10.0.0.0/104`) is that IPv4
+        // network: `contains` sees such addresses as IPv4, so kept as IPv6 it held nothing,
+        // not even the address it was written with.
+        if let IpAddr::V6(v6) = net {
+            if let (Some(v4), true) = (v6.to_ipv4_mapped(), prefix >= 96) {
+                return Some(Cidr {
+                    net: IpAddr::V4(v4),
+                    prefix: prefix - 96,
+                });
+            }
+        }
+        Some(Cidr { net, prefix })
     }
 
     pub fn contains(&self, ip: IpAddr) -> bool {
@@ -420,6 +434,16 @@ mod tests {
         assert_eq!(Cidr::parse("10.0.0.0/33"), None);
         assert!(Cidr::parse("fd00::/8").unwrap().contains(ip("fdff::1")));
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("127.0.0.1")));
+        // IPv4-mapped networks are the IPv4 networks they map, both ways; a shorter prefix
+        // stays an IPv6 network. The second is the input cargo fuzz found (request_target).
+        let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
+        assert!(mapped.contains(ip("10.1.2.3")) && mapped.contains(ip("::ffff:10.1.2.3")));
+        assert!(!mapped.contains(ip("11.0.0.1")));
+        let found = Cidr::parse("\u{a0}\u{a0}::ffff:ffff:127").unwrap();
+        assert!(found.contains(ip("::ffff:ffff:127")) && found.contains(ip("255.255.1.39")));
+        assert!(!Cidr::parse("::ffff:0:0/95")
+            .unwrap()
+            .contains(ip("10.0.0.1")));
         for ok in ["10.0.0.0/8", "::1/128", "a.b", "*.corp.example.com", "host"] {
             assert!(valid_allow_entry(ok), "{ok}");
         }
