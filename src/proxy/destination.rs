@@ -98,6 +98,15 @@ impl Cidr {
             (IpAddr::V6(n), IpAddr::V6(a)) => {
                 prefix_eq(&n.octets(), &a.octets(), u32::from(self.prefix))
             }
+            // A network written in IPv4-mapped form with a prefix under 96 (`parse` makes the
+            // longer ones IPv4): an IPv4 address counts in its mapped form, so that the network
+            // holds the address it was written with. Other IPv6 networks (`::/0` included)
+            // hold no IPv4 address, as before.
+            (IpAddr::V6(n), IpAddr::V4(a)) if n.to_ipv4_mapped().is_some() => prefix_eq(
+                &n.octets(),
+                &a.to_ipv6_mapped().octets(),
+                u32::from(self.prefix),
+            ),
             _ => false,
         }
     }
@@ -434,16 +443,18 @@ mod tests {
         assert_eq!(Cidr::parse("10.0.0.0/33"), None);
         assert!(Cidr::parse("fd00::/8").unwrap().contains(ip("fdff::1")));
         assert!(Cidr::parse("0.0.0.0/0").unwrap().contains(ip("127.0.0.1")));
-        // IPv4-mapped networks are the IPv4 networks they map, both ways; a shorter prefix
-        // stays an IPv6 network. The second is the input cargo fuzz found (request_target).
+        // IPv4-mapped networks are the IPv4 networks they map, both ways; with a prefix under
+        // 96 an IPv6 network that holds IPv4 addresses in mapped form. The second and the
+        // fourth are inputs cargo fuzz found (request_target).
         let mapped = Cidr::parse("::ffff:10.0.0.0/104").unwrap();
         assert!(mapped.contains(ip("10.1.2.3")) && mapped.contains(ip("::ffff:10.1.2.3")));
         assert!(!mapped.contains(ip("11.0.0.1")));
         let found = Cidr::parse("\u{a0}\u{a0}::ffff:ffff:127").unwrap();
         assert!(found.contains(ip("::ffff:ffff:127")) && found.contains(ip("255.255.1.39")));
-        assert!(!Cidr::parse("::ffff:0:0/95")
-            .unwrap()
-            .contains(ip("10.0.0.1")));
+        assert!(!Cidr::parse("::/0").unwrap().contains(ip("10.0.0.1")));
+        let short = Cidr::parse("\u{a0}::ffff:10.0.70.0/8").unwrap();
+        assert!(short.contains(ip("::ffff:10.0.70.0")) && short.contains(ip("10.9.9.9")));
+        assert!(short.contains(ip("::1")) && !short.contains(ip("fd00::1")));
         for ok in ["10.0.0.0/8", "::1/128", "a.b", "*.corp.example.com", "host"] {
             assert!(valid_allow_entry(ok), "{ok}");
         }
