@@ -171,15 +171,22 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> bool {
         return false;
     }
     let chunked = headers.contains_key(header::TRANSFER_ENCODING);
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // The fields `Connection` names go, removed by their names as text: no list of them and no
+    // `HeaderName` is made (one outside the standard table is an allocation, and nginx's
+    // `Connection: keep-alive` came with every answer). Each value walked is a clone, which
+    // shares its bytes. `Connection` itself is left to the table's pass below, so the values
+    // stay where they are while they are walked; a name that is no field name matches nothing.
+    let mut nth = 0;
+    while let Some(value) = headers.get_all(header::CONNECTION).iter().nth(nth).cloned() {
+        nth += 1;
+        let Ok(value) = value.to_str() else {
+            continue;
+        };
+        for name in value.split(',').map(str::trim) {
+            if !name.is_empty() && !name.eq_ignore_ascii_case("connection") {
+                headers.remove(name);
+            }
+        }
     }
     let keeps_trailers = headers
         .get_all(header::TE)
@@ -450,6 +457,27 @@ mod tests {
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.len(), 2, "{names:?}");
         assert!(h.contains_key(header::CONTENT_TYPE));
+    }
+
+    #[test]
+    fn every_connection_line_names_fields_to_drop() {
+        // Several lines; names in any case; one naming `Connection` itself, an empty one and
+        // one that is no field name, none of which stops the names after it.
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("Connection, X-First"),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("not a name, , x-second"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert("x-first", HeaderValue::from_static("1"));
+        h.insert("x-second", HeaderValue::from_static("2"));
+        h.insert("x-kept", HeaderValue::from_static("3"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]
