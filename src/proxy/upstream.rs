@@ -12,6 +12,7 @@
 //! their last new connection with HTTP/1.1 rather than h2: `Expect: 100-continue` can wait for
 //! such an origin's own 100, because hyper's client reports 1xx responses on HTTP/1 only.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -349,13 +350,41 @@ impl Protocols {
 
     /// What the origin's newest upstream connection negotiated: h2 or not; `None` if no
     /// connection has told yet.
+    ///
+    /// Asked on every request, so the key is written into a buffer the thread keeps rather
+    /// than a new `String` (three allocations a request, with `format!`).
     pub fn negotiated_h2(&self, host: &str, port: u16) -> Option<bool> {
-        self.0.get(&key(host, port)).map(|h2| *h2)
+        thread_local!(static KEY: RefCell<String> = const { RefCell::new(String::new()) });
+        KEY.with_borrow_mut(|key| {
+            key.clear();
+            write_key(key, host, port);
+            self.0.get(key.as_str()).map(|h2| *h2)
+        })
     }
 }
 
+/// An origin's key: `host:port`, the host in lowercase.
 fn key(host: &str, port: u16) -> String {
-    format!("{}:{port}", host.to_ascii_lowercase())
+    let mut key = String::with_capacity(host.len() + 6);
+    write_key(&mut key, host, port);
+    key
+}
+
+fn write_key(key: &mut String, host: &str, port: u16) {
+    key.extend(host.chars().map(|c| c.to_ascii_lowercase()));
+    key.push(':');
+    let mut digits = [0u8; 5];
+    let mut at = digits.len();
+    let mut rest = port;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    digits[at..].iter().for_each(|&d| key.push(char::from(d)));
 }
 
 /// hyper-rustls' connector, noting what each new connection negotiated and timing its TLS
@@ -536,5 +565,29 @@ pub fn client(
         pooled: Arc::new(Pool::new(connector, cfg.idle_timeout)),
         protocols,
         abandoned: Arc::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_keyed_by_lowercase_host_and_port() {
+        assert_eq!(
+            key("Storage.GoogleAPIs.com", 443),
+            "storage.googleapis.com:443"
+        );
+        assert_eq!(key("h", 0), "h:0");
+        assert_eq!(key("[::1]", 65535), "[::1]:65535");
+        let p = Protocols::default();
+        p.note(key("A.example", 8443), true);
+        p.note(key("b.example", 443), false);
+        assert_eq!(p.negotiated_h2("a.EXAMPLE", 8443), Some(true));
+        assert_eq!(p.negotiated_h2("a.example", 443), None);
+        assert!(p.is_http1("B.example", 443));
+        assert_eq!(p.negotiated_h2("b.example", 44), None);
+        // The buffer is reused: a shorter key after a longer one is not its prefix.
+        assert_eq!(p.negotiated_h2("b.example", 4431), None);
     }
 }
