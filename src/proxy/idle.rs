@@ -128,32 +128,97 @@ pub(crate) async fn serve<C, E>(
 where
     C: Future<Output = Result<(), E>>,
 {
-    let mut seen = activity.started();
-    let mut tick = Instant::now() + idle;
-    let why = loop {
-        tokio::select! {
-            r = conn.as_mut() => return r,
-            _ = stop.wait_for(|s| *s) => break Close::Shutdown,
-            _ = tokio::time::sleep_until(tick) => {
-                let now_seen = activity.started();
-                if activity.is_idle() && now_seen == seen {
-                    break Close::Idle;
+    let watch = async {
+        let mut seen = activity.started();
+        let mut tick = Instant::now() + idle;
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break Close::Shutdown,
+                _ = tokio::time::sleep_until(tick) => {
+                    let now_seen = activity.started();
+                    if activity.is_idle() && now_seen == seen {
+                        break Close::Idle;
+                    }
+                    seen = now_seen;
+                    tick = Instant::now() + idle;
                 }
-                seen = now_seen;
-                tick = Instant::now() + idle;
-            }
-            Ok(()) = reclaim.changed() => {
-                if activity.is_idle() {
-                    break Close::AtCap;
+                Ok(()) = reclaim.changed() => {
+                    if activity.is_idle() {
+                        break Close::AtCap;
+                    }
                 }
             }
         }
+    };
+    let why = match watched(conn.as_mut(), watch).await {
+        Ok(done) => return done,
+        Err(why) => why,
     };
     if why != Close::Shutdown {
         tracing::debug!(why = ?why, "closing an idle client connection");
     }
     graceful(conn.as_mut());
     conn.await
+}
+
+/// `work`'s output, or `Err` with `watch`'s if that is ready first; `watch` is polled only
+/// when something it waits on has woken the task (and on the first poll).
+///
+/// A connection's task is woken for every read and write; with both polled each time, every
+/// wake of every connection re-registered with the proxy-wide `stop` and `reclaim` channels,
+/// taking their waiter lists' locks, which all connections on all workers share, and polled
+/// the idle timer. `watch` gets a waker of its own instead, which notes that it was woken
+/// before it wakes the task: its registrations stay in place between its polls, as tokio's
+/// channels and timers keep them until they fire.
+async fn watched<W, T>(mut work: Pin<&mut W>, watch: T) -> Result<W::Output, T::Output>
+where
+    W: Future + ?Sized,
+    T: Future,
+{
+    let mut watch = std::pin::pin!(watch);
+    let woken = Arc::new(Woken::default());
+    let waker = std::task::Waker::from(woken.clone());
+    std::future::poll_fn(move |cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        woken.task.register(cx.waker());
+        if woken.again.swap(false, Ordering::AcqRel) {
+            if let Poll::Ready(why) = watch.as_mut().poll(&mut Context::from_waker(&waker)) {
+                return Poll::Ready(Err(why));
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// The waker [`watched`] polls its `watch` with.
+struct Woken {
+    /// Set when `watch` is to be polled: at first, and whenever it was woken since.
+    again: std::sync::atomic::AtomicBool,
+    /// The task to wake then.
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Default for Woken {
+    fn default() -> Self {
+        Woken {
+            again: std::sync::atomic::AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        }
+    }
+}
+
+impl std::task::Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.again.store(true, Ordering::Release);
+        self.task.wake();
+    }
 }
 
 /// `fut`, unless `limit` passes or the proxy reaches its connection cap first (the client
@@ -213,35 +278,40 @@ where
         };
         let copy = tokio::io::copy_bidirectional(&mut c, &mut o);
         tokio::pin!(copy);
-        let start = Instant::now();
-        let first_deadline = start + first_byte;
-        let mut tick = start + first_byte.min(idle);
-        let mut last = 0;
-        loop {
-            tokio::select! {
-                r = copy.as_mut() => break TunnelEnd::Done(r),
-                _ = tokio::time::sleep_until(tick) => {
-                    let now = Instant::now();
-                    let from_client = up.load(Ordering::Relaxed);
-                    let moved = from_client + down.load(Ordering::Relaxed);
-                    if from_client == 0 {
-                        if now >= first_deadline {
-                            break TunnelEnd::Closed("no byte from the client within limits.handshake_timeout");
+        let watch = async {
+            let start = Instant::now();
+            let first_deadline = start + first_byte;
+            let mut tick = start + first_byte.min(idle);
+            let mut last = 0;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(tick) => {
+                        let now = Instant::now();
+                        let from_client = up.load(Ordering::Relaxed);
+                        let moved = from_client + down.load(Ordering::Relaxed);
+                        if from_client == 0 {
+                            if now >= first_deadline {
+                                break TunnelEnd::Closed("no byte from the client within limits.handshake_timeout");
+                            }
+                            tick = first_deadline.min(now + idle);
+                        } else if moved == last {
+                            break TunnelEnd::Closed("idle for limits.tunnel_idle_timeout");
+                        } else {
+                            tick = now + idle;
                         }
-                        tick = first_deadline.min(now + idle);
-                    } else if moved == last {
-                        break TunnelEnd::Closed("idle for limits.tunnel_idle_timeout");
-                    } else {
-                        tick = now + idle;
+                        last = moved;
                     }
-                    last = moved;
-                }
-                Ok(()) = reclaim.changed() => {
-                    if up.load(Ordering::Relaxed) == 0 {
-                        break TunnelEnd::Closed("closed at limits.max_connections: no byte from the client yet");
+                    Ok(()) = reclaim.changed() => {
+                        if up.load(Ordering::Relaxed) == 0 {
+                            break TunnelEnd::Closed("closed at limits.max_connections: no byte from the client yet");
+                        }
                     }
                 }
             }
+        };
+        match watched(copy.as_mut(), watch).await {
+            Ok(r) => TunnelEnd::Done(r),
+            Err(closed) => closed,
         }
     };
     (end, up.into_inner(), down.into_inner())
@@ -361,6 +431,64 @@ where
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    /// Counts its polls.
+    struct Polls<F> {
+        fut: Pin<Box<F>>,
+        n: Arc<AtomicU64>,
+    }
+
+    impl<F: Future> Future for Polls<F> {
+        type Output = F::Output;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+            self.n.fetch_add(1, Ordering::Relaxed);
+            self.fut.as_mut().poll(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watch_is_polled_when_it_was_woken_not_with_every_wake_of_the_work() {
+        let (items, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let (fire, fired) = tokio::sync::oneshot::channel::<&str>();
+        let (work_polls, watch_polls) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let work = Polls {
+            fut: Box::pin(async move {
+                let mut sum = 0;
+                while let Some(i) = rx.recv().await {
+                    sum += i;
+                }
+                sum
+            }),
+            n: work_polls.clone(),
+        };
+        let watch = Polls {
+            fut: Box::pin(async move { fired.await.unwrap() }),
+            n: watch_polls.clone(),
+        };
+        let mut work = Box::pin(work);
+        let mut watching = Box::pin(watched(work.as_mut(), watch));
+        // The work is woken and polled 100 times; the watch, only on the first poll.
+        for i in 0..100 {
+            items.send(i).unwrap();
+            let now = std::future::poll_fn(|cx| Poll::Ready(watching.as_mut().poll(cx))).await;
+            assert!(now.is_pending());
+        }
+        assert!(work_polls.load(Ordering::Relaxed) >= 100);
+        assert_eq!(watch_polls.load(Ordering::Relaxed), 1);
+        // Woken itself, the watch is polled and its answer comes first.
+        fire.send("idle").unwrap();
+        items.send(1).unwrap();
+        assert_eq!(watching.await.err(), Some("idle"));
+        assert_eq!(watch_polls.load(Ordering::Relaxed), 2);
+        // The work ending first is its answer.
+        drop(work);
+        let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
+        let (_keep, never) = tokio::sync::oneshot::channel::<()>();
+        let mut work = Box::pin(async move { rx.await.unwrap() });
+        let watching = watched(work.as_mut(), never);
+        tx.send(7).unwrap();
+        assert_eq!(watching.await.ok(), Some(7));
+    }
 
     /// A connection that runs until asked to finish gracefully.
     struct Conn {
