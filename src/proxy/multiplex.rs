@@ -53,6 +53,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tower::Service;
 
+use super::pool::hash_caseless;
 use super::upload::Upload;
 use super::upstream::{BoxError, Connector, Protocols, UpBody};
 
@@ -87,7 +88,18 @@ struct Live {
     last_used: Instant,
 }
 
-type Entries = Mutex<HashMap<Authority, Entry>>;
+type Entries = Mutex<HashMap<Origin, Entry>>;
+
+/// An origin's authority as the key of [`Entries`]: equal as `Authority` is (without regard to
+/// case), hashed with [`hash_caseless`] rather than a byte at a time.
+#[derive(Clone, PartialEq, Eq)]
+struct Origin(Authority);
+
+impl std::hash::Hash for Origin {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        hash_caseless(self.0.as_str(), state);
+    }
+}
 
 /// The h2 connections of one worker; see the module documentation.
 pub struct Multiplex {
@@ -123,7 +135,7 @@ impl Multiplex {
     pub fn live(&self, uri: &Uri) -> Option<(u64, H2Send)> {
         let authority = uri.authority()?;
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let live = entries.get_mut(authority)?.live.as_mut()?;
+        let live = entries.get_mut(&Origin(authority.clone()))?.live.as_mut()?;
         live.last_used = Instant::now();
         Some((live.id, live.send.clone()))
     }
@@ -177,7 +189,7 @@ impl Multiplex {
         let turn = {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             entries
-                .entry(authority.clone())
+                .entry(Origin(authority.clone()))
                 .or_default()
                 .connecting
                 .clone()
@@ -195,12 +207,12 @@ impl Multiplex {
             Err(e) => {
                 let why = Arc::new(e);
                 let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(entry) = entries.get_mut(authority) {
+                if let Some(entry) = entries.get_mut(&Origin(authority.clone())) {
                     // Kept for the requests queued behind this connect; with none, dropped.
                     if Arc::strong_count(&entry.connecting) > 2 {
                         entry.failed = Some((Instant::now(), why.clone()));
                     } else if entry.live.is_none() {
-                        entries.remove(authority);
+                        entries.remove(&Origin(authority.clone()));
                     }
                 }
                 Err(Box::new(ConnectFailed(why)))
@@ -211,7 +223,7 @@ impl Multiplex {
 
     fn failed_since(&self, authority: &Authority, since: Instant) -> Option<Arc<BoxError>> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let (at, why) = entries.get(authority)?.failed.as_ref()?;
+        let (at, why) = entries.get(&Origin(authority.clone()))?.failed.as_ref()?;
         (*at >= since).then(|| why.clone())
     }
 
@@ -230,7 +242,7 @@ impl Multiplex {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            entries.entry(authority.clone()).or_default().live = Some(Live {
+            entries.entry(Origin(authority.clone())).or_default().live = Some(Live {
                 id,
                 send: send.clone(),
                 last_used: Instant::now(),
@@ -248,7 +260,7 @@ impl Multiplex {
 
     fn live_at(&self, authority: &Authority) -> Option<(u64, H2Send)> {
         let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        let live = entries.get(authority)?.live.as_ref()?;
+        let live = entries.get(&Origin(authority.clone()))?.live.as_ref()?;
         Some((live.id, live.send.clone()))
     }
 
@@ -280,12 +292,12 @@ impl std::error::Error for ConnectFailed {
 
 fn forget(entries: &Entries, authority: &Authority, id: u64) {
     let mut entries = entries.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(entry) = entries.get_mut(authority) {
+    if let Some(entry) = entries.get_mut(&Origin(authority.clone())) {
         if entry.live.as_ref().is_some_and(|l| l.id == id) {
             entry.live = None;
             // Nobody is connecting or queued to: the origin is forgotten altogether.
             if Arc::strong_count(&entry.connecting) == 1 {
-                entries.remove(authority);
+                entries.remove(&Origin(authority.clone()));
             }
         }
     }
@@ -307,7 +319,7 @@ where
                 let Some(entries) = entries.upgrade() else { break conn.await };
                 let last_used = {
                     let guard = entries.lock().unwrap_or_else(|p| p.into_inner());
-                    guard.get(&authority).and_then(|e| e.live.as_ref()).filter(|l| l.id == id).map(|l| l.last_used)
+                    guard.get(&Origin(authority.clone())).and_then(|e| e.live.as_ref()).filter(|l| l.id == id).map(|l| l.last_used)
                 };
                 match last_used {
                     Some(t) if t + idle > Instant::now() => deadline = t + idle,
