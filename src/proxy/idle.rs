@@ -128,7 +128,7 @@ pub(crate) async fn serve<C, E>(
 where
     C: Future<Output = Result<(), E>>,
 {
-    let watch = async {
+    let watch = std::pin::pin!(async {
         let mut seen = activity.started();
         let mut tick = Instant::now() + idle;
         loop {
@@ -149,7 +149,7 @@ where
                 }
             }
         }
-    };
+    });
     let why = match watched(conn.as_mut(), watch).await {
         Ok(done) => return done,
         Err(why) => why,
@@ -170,12 +170,17 @@ where
 /// the idle timer. `watch` gets a waker of its own instead, which notes that it was woken
 /// before it wakes the task: its registrations stay in place between its polls, as tokio's
 /// channels and timers keep them until they fire.
-async fn watched<W, T>(mut work: Pin<&mut W>, watch: T) -> Result<W::Output, T::Output>
+fn watched<'a, W, T>(
+    mut work: Pin<&'a mut W>,
+    mut watch: Pin<&'a mut T>,
+) -> impl Future<Output = Result<W::Output, T::Output>> + 'a
 where
     W: Future + ?Sized,
-    T: Future,
+    T: Future + ?Sized,
 {
-    let mut watch = std::pin::pin!(watch);
+    // A plain function around `poll_fn`, both futures pinned by the caller: an `async fn`
+    // would hold its arguments apart from what it awaits, and every idle connection would
+    // carry the watch twice (benches/idle.rs).
     let woken = Arc::new(Woken::default());
     let waker = std::task::Waker::from(woken.clone());
     std::future::poll_fn(move |cx| {
@@ -190,7 +195,6 @@ where
         }
         Poll::Pending
     })
-    .await
 }
 
 /// The waker [`watched`] polls its `watch` with.
@@ -278,7 +282,7 @@ where
         };
         let copy = tokio::io::copy_bidirectional(&mut c, &mut o);
         tokio::pin!(copy);
-        let watch = async {
+        let watch = std::pin::pin!(async {
             let start = Instant::now();
             let first_deadline = start + first_byte;
             let mut tick = start + first_byte.min(idle);
@@ -308,7 +312,7 @@ where
                     }
                 }
             }
-        };
+        });
         match watched(copy.as_mut(), watch).await {
             Ok(r) => TunnelEnd::Done(r),
             Err(closed) => closed,
@@ -466,6 +470,7 @@ mod tests {
             n: watch_polls.clone(),
         };
         let mut work = Box::pin(work);
+        let watch = std::pin::pin!(watch);
         let mut watching = Box::pin(watched(work.as_mut(), watch));
         // The work is woken and polled 100 times; the watch, only on the first poll.
         for i in 0..100 {
@@ -485,6 +490,7 @@ mod tests {
         let (tx, rx) = tokio::sync::oneshot::channel::<u32>();
         let (_keep, never) = tokio::sync::oneshot::channel::<()>();
         let mut work = Box::pin(async move { rx.await.unwrap() });
+        let never = std::pin::pin!(never);
         let watching = watched(work.as_mut(), never);
         tx.send(7).unwrap();
         assert_eq!(watching.await.ok(), Some(7));
