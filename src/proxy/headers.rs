@@ -428,30 +428,31 @@ mod tests {
         }
     }
 
+    /// A header map of `(name, value)` rows, appended in order.
+    fn fields(rows: &[(&str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (name, value) in rows {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        h
+    }
+
     #[test]
     fn hop_by_hop_rows_go_and_te_trailers_stays() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-custom"),
-        );
-        h.insert("x-custom", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.insert(
-            header::PROXY_AUTHORIZATION,
-            HeaderValue::from_static("Basic x"),
-        );
-        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
+        let mut h = fields(&[
+            ("connection", "close, x-custom"),
+            ("x-custom", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "gzip, trailers"),
+            ("upgrade", "h2c"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "application/json"),
+        ]);
         assert!(strip_hop_by_hop(&mut h), "Transfer-Encoding was there");
         let names: Vec<_> = h.keys().map(|k| k.as_str().to_string()).collect();
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
@@ -463,19 +464,14 @@ mod tests {
     fn every_connection_line_names_fields_to_drop() {
         // Several lines; names in any case; one naming `Connection` itself, an empty one and
         // one that is no field name, none of which stops the names after it.
-        let mut h = HeaderMap::new();
-        h.append(
-            header::CONNECTION,
-            HeaderValue::from_static("Connection, X-First"),
-        );
-        h.append(
-            header::CONNECTION,
-            HeaderValue::from_static("not a name, , x-second"),
-        );
-        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-        h.insert("x-first", HeaderValue::from_static("1"));
-        h.insert("x-second", HeaderValue::from_static("2"));
-        h.insert("x-kept", HeaderValue::from_static("3"));
+        let mut h = fields(&[
+            ("connection", "Connection, X-First"),
+            ("connection", "not a name, , x-second"),
+            ("connection", "keep-alive"),
+            ("x-first", "1"),
+            ("x-second", "2"),
+            ("x-kept", "3"),
+        ]);
         strip_hop_by_hop(&mut h);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-kept"]);
     }
