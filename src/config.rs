@@ -318,7 +318,8 @@ impl Default for UpstreamConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     pub max_connections: usize,
-    /// Time a client has to send a complete request head.
+    /// HTTP/1.1: time a client connection may wait for a complete request head, new or after
+    /// its last answer was sent (between one and two of it; see `proxy/idle.rs`).
     #[serde(deserialize_with = "de_duration")]
     pub header_read_timeout: Duration,
     /// A client connection with no request in flight is closed after this (between one and

@@ -396,6 +396,82 @@ async fn a_silent_origin_body_times_out() {
     sb.shutdown().await;
 }
 
+/// Send a request head that never ends, a byte every 50 ms, until the proxy closes the
+/// connection (`true`) or 5 s pass (`false`).
+async fn trickled_until_closed(io: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin)) -> bool {
+    let head = b"GET /storage/v1/b HTTP/1.1\r\nHost: storage.googleapis.com\r\nX-Slow: ";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut buf = [0u8; 256];
+    for i in 0.. {
+        if tokio::time::Instant::now() > deadline {
+            return false;
+        }
+        let byte = head.get(i).copied().unwrap_or(b'a');
+        if io.write_all(&[byte]).await.is_err() || io.flush().await.is_err() {
+            return true;
+        }
+        match tokio::time::timeout(Duration::from_millis(50), io.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(n)) => panic!("an answer to half a head: {:?}", &buf[..n]),
+            Err(_) => {}
+        }
+    }
+    unreachable!()
+}
+
+/// `limits.header_read_timeout` (HTTP/1.1, enforced by the connection's watchdog since hyper's
+/// own timer went): a request head sent a byte at a time is cut off, on the listener and in an
+/// intercepted session, while an answer still being sent is not, however long it takes.
+#[tokio::test]
+async fn a_request_head_must_come_within_header_read_timeout() {
+    let sb = sandbox_with(|c| {
+        c.limits.header_read_timeout = Duration::from_millis(300);
+        c.upstream.body_idle_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let began = std::time::Instant::now();
+    let mut plain = tokio::net::TcpStream::connect(sb.server.proxy_addr())
+        .await
+        .unwrap();
+    assert!(
+        trickled_until_closed(&mut plain).await,
+        "the listener's connection"
+    );
+    let mut tls = tls_via_proxy(&sb, "storage.googleapis.com", &[b"http/1.1"]).await;
+    assert!(
+        trickled_until_closed(&mut tls).await,
+        "an intercepted session"
+    );
+    // Each between one and two of the timeout, with room for a slow machine.
+    assert!(
+        began.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        began.elapsed()
+    );
+
+    // `/stall` sends one byte of its body, then nothing: curl's HTTP/1.1 connection has no
+    // request head to send for as long as the answer lasts, which is until the body-idle
+    // deadline (2 to 4 s) ends it, not the header deadline.
+    let began = std::time::Instant::now();
+    let out = curl(
+        &sb,
+        &[
+            "--http1.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+            "https://storage.googleapis.com/stall",
+        ],
+    )
+    .await;
+    let took = began.elapsed();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 1", "{out:?}");
+    assert!(!out.status.success(), "the body was cut short: {out:?}");
+    assert!(took >= Duration::from_secs(2), "ended after {took:?}");
+    sb.shutdown().await;
+}
+
 /// A plain-HTTP origin that answers each request after `delay`, counting its connections.
 async fn slow_origin(delay: Duration) -> (SocketAddr, Arc<AtomicU64>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

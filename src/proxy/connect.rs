@@ -80,8 +80,9 @@ pub(crate) fn spawn_client(
             let permit = Arc::new(ConnectionSlot::new(admission, state.clone()));
             let limits = &state.config.limits;
             let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(TokioTimer::new())
-                .header_read_timeout(limits.header_read_timeout)
+            // The request head's deadline is the watchdog's (`idle::serve`), not a timer
+            // hyper arms for every head.
+            http.header_read_timeout(None)
                 .max_buf_size(limits.max_header_bytes.max(8192))
                 .max_header_size(limits.max_header_bytes)
                 .max_headers(limits.max_headers)
@@ -106,7 +107,7 @@ pub(crate) fn spawn_client(
                     };
                     handle(req, peer, client, state, upstream, stop, permit).await
                 };
-                idle::counted(busy, answer)
+                idle::counted(busy, true, answer)
             });
             let conn = http
                 .serve_connection(TokioIo::new(stream), svc)
@@ -120,6 +121,7 @@ pub(crate) fn spawn_client(
                 reclaim,
                 &activity,
                 limits.idle_timeout,
+                Some(limits.header_read_timeout),
                 |c| c.graceful_shutdown(),
             )
             .await;
@@ -493,11 +495,15 @@ async fn intercept_tls<IO>(
     // connection's whole life, so unboxed, every idle keep-alive connection held the ~3.9 KB
     // of a request's state machine (massif, benches/idle.rs); boxed, it holds a pointer and a
     // request pays one allocation.
+    // The protocol is the one ALPN settled in the handshake (`h2`, or HTTP/1.1 when the client
+    // offered nothing else: h2 over TLS is negotiated by ALPN, RFC 9113 §3.2), so no bytes are
+    // read ahead to guess it.
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let svc = service_fn(move |req| -> Answer {
         let busy = svc_activity.begin();
         if answers_tokens && token_endpoint::is_token_request(&target.host, &req) {
             let host = target.host.clone();
-            return Box::pin(idle::counted(busy, async move {
+            return Box::pin(idle::counted(busy, !h2, async move {
                 token_endpoint::answer(req, &host, peer).await
             }));
         }
@@ -508,12 +514,9 @@ async fn intercept_tls<IO>(
             svc_state.clone(),
             upstream.clone(),
         );
-        Box::pin(idle::counted(busy, answer))
+        Box::pin(idle::counted(busy, !h2, answer))
     });
-    // The protocol is the one ALPN settled in the handshake (`h2`, or HTTP/1.1 when the client
-    // offered nothing else: h2 over TLS is negotiated by ALPN, RFC 9113 §3.2), so no bytes are
-    // read ahead to guess it. Each protocol's session then runs in a task of its own and this
-    // one ends: a task keeps room for the largest state its future passes through, so serving
+    // Each protocol's session runs in a task of its own and this one ends: a task keeps room for the largest state its future passes through, so serving
     // in this task kept the CONNECT and handshake states, and the other protocol's, beside
     // every idle keep-alive session (benches/idle.rs: 36.2 KiB a connection before, see the
     // README for after).
@@ -522,10 +525,11 @@ async fn intercept_tls<IO>(
         reclaim: state.reclaim.subscribe(),
         activity,
         idle_timeout: limits.idle_timeout,
+        head_timeout: (!h2).then_some(limits.header_read_timeout),
         permit,
     };
     let io = TokioIo::new(tls);
-    if io.inner().get_ref().1.alpn_protocol() == Some(b"h2") {
+    if h2 {
         let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
@@ -535,8 +539,7 @@ async fn intercept_tls<IO>(
         session.spawn(Box::pin(conn), |c| c.graceful_shutdown());
     } else {
         let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
+            .header_read_timeout(None)
             .max_buf_size(limits.max_header_bytes.max(8192))
             .max_headers(limits.max_headers)
             .keep_alive(true)
@@ -552,6 +555,8 @@ struct Session {
     reclaim: watch::Receiver<u64>,
     activity: Arc<Activity>,
     idle_timeout: std::time::Duration,
+    /// HTTP/1.1: `limits.header_read_timeout`.
+    head_timeout: Option<std::time::Duration>,
     /// The connection's place under `limits.max_connections`, free when the session ends.
     permit: Arc<ConnectionSlot>,
 }
@@ -571,12 +576,21 @@ impl Session {
             reclaim,
             activity,
             idle_timeout,
+            head_timeout,
             permit,
         } = self;
         tokio::spawn(
             async move {
-                let result =
-                    idle::serve(conn, stop, reclaim, &activity, idle_timeout, graceful).await;
+                let result = idle::serve(
+                    conn,
+                    stop,
+                    reclaim,
+                    &activity,
+                    idle_timeout,
+                    head_timeout,
+                    graceful,
+                )
+                .await;
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "intercepted connection ended with an error");
                 }

@@ -6,7 +6,10 @@
 //! - **An HTTP connection** (the listener's, or an intercepted TLS session, HTTP/1.1 or h2)
 //!   with no request waiting for its response head: closed gracefully once it has been so
 //!   for `limits.idle_timeout` (between one and two periods; a response body still streaming
-//!   runs to its end). HTTP/1.1 keep-alive connections also meet `header_read_timeout`.
+//!   runs to its end).
+//! - **An HTTP/1.1 connection waiting for a request head** (new, or its last answer sent to
+//!   the end) for `limits.header_read_timeout` (between one and two of it): closed at once.
+//!   A head sent a byte at a time never becomes a request, so this is what ends it.
 //! - **A blind tunnel** that moves no byte either way for `limits.tunnel_idle_timeout`.
 //! - **At the cap**, the accept loop asks every connection to close if it is idle by these
 //!   rules (an HTTP connection with no request in flight, a CONNECT before its TLS hello, a
@@ -16,8 +19,10 @@
 //!   one and two of it) is ended with an error ([`BodyIdle`]): the client sees a reset
 //!   stream or a truncated response, not a silent hang.
 //!
-//! A request costs two atomic additions here; the clock is read by the watchdog, never per
-//! request.
+//! A request costs a few atomic additions here; the clock is read by the watchdog, never per
+//! request. hyper's own `header_read_timeout` is not used: it armed a timer for every request
+//! head (a boxed tokio `Sleep`, the clock read, the timer wheel's entry made and removed), about
+//! half a microsecond a request in the harness's test (a) over HTTP/1.1.
 
 use std::future::Future;
 use std::io;
@@ -34,11 +39,12 @@ use tokio::time::Instant;
 
 use super::error::BodyError;
 
-/// One HTTP connection's requests: how many are waiting for their response head, and how
-/// many have started.
+/// One HTTP connection's requests: how many are waiting for their response head, how many
+/// answers are still being sent (HTTP/1.1, see [`counted`]), and how many have started.
 #[derive(Default)]
 pub(crate) struct Activity {
     in_flight: AtomicU64,
+    sending: AtomicU64,
     started: AtomicU64,
 }
 
@@ -48,11 +54,17 @@ impl Activity {
     pub fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.started.fetch_add(1, Ordering::Relaxed);
-        Busy(self.clone())
+        Busy(Some(self.clone()))
     }
 
     fn is_idle(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) == 0
+    }
+
+    /// No request in flight and no answer being sent: an HTTP/1.1 connection is waiting for
+    /// the next request head.
+    fn is_quiet(&self) -> bool {
+        self.is_idle() && self.sending.load(Ordering::Relaxed) == 0
     }
 
     fn started(&self) -> u64 {
@@ -60,7 +72,27 @@ impl Activity {
     }
 }
 
-pub(crate) struct Busy(Arc<Activity>);
+/// A request in flight; `None` once it has become a [`Sending`].
+pub(crate) struct Busy(Option<Arc<Activity>>);
+
+/// An answer whose body is still being sent, held by that body.
+struct Sending(Arc<Activity>);
+
+impl Busy {
+    /// The response head is ready and its body follows: counted as being sent from now on.
+    fn into_sending(mut self) -> Option<Sending> {
+        let activity = self.0.take()?;
+        activity.sending.fetch_add(1, Ordering::Relaxed);
+        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        Some(Sending(activity))
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        self.0.sending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// `fut`, counted as a request in flight until it completes or is dropped.
 ///
@@ -68,10 +100,73 @@ pub(crate) struct Busy(Arc<Activity>);
 /// what it awaits, so it was twice the size of the request it wraps (4,088 bytes around
 /// `forward::request`'s 2,032, `-Zprint-type-sizes`), and every request's box was allocated
 /// and copied at that size.
-pub(crate) fn counted<F: Future>(busy: Busy, fut: F) -> InFlight<F> {
+///
+/// With `to_end` (HTTP/1.1), an answer with a body to send is counted as being sent until its
+/// body is dropped, after the last byte or when the connection goes: hyper reads no next
+/// request head on that connection before then, so its header deadline waits too.
+pub(crate) fn counted<F>(busy: Busy, to_end: bool, fut: F) -> InFlight<F>
+where
+    F: Future,
+    F::Output: Answered,
+{
     InFlight {
         fut,
         busy: Some(busy),
+        to_end,
+    }
+}
+
+/// What a counted future gives: an answer whose body can carry a [`Sending`].
+pub(crate) trait Answered {
+    /// Let `busy` go now, or with the body if there is one and `to_end`.
+    fn release(self, busy: Busy, to_end: bool) -> Self;
+}
+
+impl<E> Answered for Result<http::Response<super::Body>, E> {
+    fn release(self, busy: Busy, to_end: bool) -> Self {
+        match self {
+            Ok(answer) if to_end && !answer.body().is_end_stream() => {
+                let Some(sending) = busy.into_sending() else {
+                    return Ok(answer);
+                };
+                Ok(answer.map(|body| {
+                    super::Body::new(Carried {
+                        body,
+                        _sending: sending,
+                    })
+                }))
+            }
+            other => other,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A body that counts its answer as being sent for as long as it lives.
+    struct Carried<B> {
+        #[pin]
+        body: B,
+        _sending: Sending,
+    }
+}
+
+impl<B: Body> Body for Carried<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -82,23 +177,32 @@ pin_project_lite::pin_project! {
         fut: F,
         // Let go when `fut` is ready, whoever holds this future after.
         busy: Option<Busy>,
+        to_end: bool,
     }
 }
 
-impl<F: Future> Future for InFlight<F> {
+impl<F> Future for InFlight<F>
+where
+    F: Future,
+    F::Output: Answered,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let out = std::task::ready!(this.fut.poll(cx));
-        this.busy.take();
-        Poll::Ready(out)
+        Poll::Ready(match this.busy.take() {
+            Some(busy) => out.release(busy, *this.to_end),
+            None => out,
+        })
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(activity) = &self.0 {
+            activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -108,11 +212,16 @@ pub(crate) enum Close {
     Shutdown,
     Idle,
     AtCap,
+    /// HTTP/1.1: no request head within `limits.header_read_timeout`.
+    NoHead,
 }
 
 /// Drive an HTTP connection to its end. On shutdown, after `idle` with no request, or at the
 /// connection cap while no request is in flight, ask it to finish gracefully (each hyper
-/// connection type has its own `graceful_shutdown`) and keep driving it.
+/// connection type has its own `graceful_shutdown`) and keep driving it. With `head`
+/// (HTTP/1.1), a connection left waiting for a request head for between one and two of it is
+/// dropped at once, as hyper's own header timeout did: no request is in progress on it, and
+/// a graceful end would wait for that head too.
 ///
 /// The connection comes boxed: a future holds its arguments for its whole life, and the
 /// caller's task held the connection again before passing it in, so an HTTP/1.1 connection
@@ -123,6 +232,7 @@ pub(crate) async fn serve<C, E>(
     mut reclaim: watch::Receiver<u64>,
     activity: &Activity,
     idle: Duration,
+    head: Option<Duration>,
     graceful: impl FnOnce(Pin<&mut C>),
 ) -> Result<(), E>
 where
@@ -131,16 +241,32 @@ where
     let watch = std::pin::pin!(async {
         let mut seen = activity.started();
         let mut tick = Instant::now() + idle;
+        // One timer for both deadlines: the idle check's and the request head's.
+        let mut head_seen = seen;
+        let mut head_tick = head.map(|h| Instant::now() + h);
         loop {
+            let next = head_tick.map_or(tick, |h| h.min(tick));
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break Close::Shutdown,
-                _ = tokio::time::sleep_until(tick) => {
+                _ = tokio::time::sleep_until(next) => {
+                    let now = Instant::now();
                     let now_seen = activity.started();
-                    if activity.is_idle() && now_seen == seen {
-                        break Close::Idle;
+                    if let (Some(h), Some(at)) = (head, head_tick) {
+                        if now >= at {
+                            if activity.is_quiet() && now_seen == head_seen {
+                                break Close::NoHead;
+                            }
+                            head_seen = now_seen;
+                            head_tick = Some(now + h);
+                        }
                     }
-                    seen = now_seen;
-                    tick = Instant::now() + idle;
+                    if now >= tick {
+                        if activity.is_idle() && now_seen == seen {
+                            break Close::Idle;
+                        }
+                        seen = now_seen;
+                        tick = now + idle;
+                    }
                 }
                 Ok(()) = reclaim.changed() => {
                     if activity.is_idle() {
@@ -154,6 +280,12 @@ where
         Ok(done) => return done,
         Err(why) => why,
     };
+    if why == Close::NoHead {
+        tracing::debug!(
+            "closing a client connection: no request head within limits.header_read_timeout"
+        );
+        return Ok(());
+    }
     if why != Close::Shutdown {
         tracing::debug!(why = ?why, "closing an idle client connection");
     }
@@ -535,6 +667,7 @@ mod tests {
             reclaim.clone(),
             &activity,
             idle,
+            None,
             |c| c.get_mut().graceful = true,
         );
         served.await.unwrap();
@@ -549,6 +682,7 @@ mod tests {
             reclaim,
             &activity,
             idle,
+            None,
             |c| c.get_mut().graceful = true,
         );
         tokio::pin!(served);
@@ -564,6 +698,88 @@ mod tests {
         assert!(t1.elapsed() <= 2 * idle);
     }
 
+    /// An answer with a body, as `forward` gives one.
+    fn answer() -> Result<http::Response<super::super::Body>, ()> {
+        use http_body_util::BodyExt;
+        let body = http_body_util::Full::new(bytes::Bytes::from_static(b"data"))
+            .map_err(|never| match never {})
+            .boxed();
+        Ok(http::Response::new(body))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_connection_waiting_for_a_head_is_dropped_and_one_sending_is_not() {
+        let (_s, stop, _r, reclaim) = channels();
+        let activity = Arc::new(Activity::default());
+        let (idle, head) = (Duration::from_secs(3600), Duration::from_secs(30));
+        let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let serving = || {
+            let asked = asked.clone();
+            serve(
+                Box::pin(Conn { graceful: false }),
+                stop.clone(),
+                reclaim.clone(),
+                &activity,
+                idle,
+                Some(head),
+                move |c| {
+                    asked.store(true, Ordering::Relaxed);
+                    c.get_mut().graceful = true
+                },
+            )
+        };
+        // No request: dropped between one and two periods, without a graceful end (which
+        // would wait for the head).
+        let t0 = Instant::now();
+        serving().await.unwrap();
+        let took = t0.elapsed();
+        assert!(took >= head && took <= 2 * head, "{took:?}");
+        assert!(!asked.load(Ordering::Relaxed));
+
+        // An answer whose body is still being sent keeps it open, long after its head.
+        let sent = counted(activity.begin(), true, async { answer() }).await;
+        assert!(activity.is_idle() && !activity.is_quiet());
+        let served = serving();
+        tokio::pin!(served);
+        assert!(
+            tokio::time::timeout(10 * head, served.as_mut())
+                .await
+                .is_err(),
+            "open while the answer is sent"
+        );
+        drop(sent);
+        assert!(activity.is_quiet());
+        let t1 = Instant::now();
+        served.await.unwrap();
+        assert!(t1.elapsed() <= 2 * head);
+
+        // A request every 20 s keeps it open too.
+        let served = serving();
+        tokio::pin!(served);
+        for _ in 0..10 {
+            assert!(
+                tokio::time::timeout(Duration::from_secs(20), served.as_mut())
+                    .await
+                    .is_err()
+            );
+            drop(counted(activity.begin(), true, async { answer() }).await);
+        }
+        // An h2 session's answers are let go with their heads; so are bodiless ones.
+        let h2 = counted(activity.begin(), false, async { answer() }).await;
+        assert!(activity.is_quiet());
+        let empty = counted(activity.begin(), true, async {
+            use http_body_util::BodyExt;
+            let body = http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed();
+            Ok::<_, ()>(http::Response::new(body))
+        })
+        .await;
+        assert!(activity.is_quiet());
+        drop((h2, empty));
+        assert!(!asked.load(Ordering::Relaxed));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn at_the_cap_idle_connections_close_at_once_and_busy_ones_stay() {
         let (_s, stop, reclaim_tx, reclaim) = channels();
@@ -577,6 +793,7 @@ mod tests {
             reclaim.clone(),
             &idle_one,
             long,
+            None,
             |c| c.get_mut().graceful = true,
         );
         let b = serve(
@@ -585,6 +802,7 @@ mod tests {
             reclaim,
             &busy_one,
             long,
+            None,
             |c| c.get_mut().graceful = true,
         );
         tokio::pin!(a, b);
