@@ -491,14 +491,14 @@ async fn intercept_tls<IO>(
         state.config.facade.token_endpoint && token_endpoint::is_host(&target.host);
     let activity = Arc::new(Activity::default());
     let svc_activity = activity.clone();
-    // Each answer is boxed: hyper's HTTP/1.1 server keeps room for one answer future for the
-    // connection's whole life, so unboxed, every idle keep-alive connection held the ~3.9 KB
-    // of a request's state machine (massif, benches/idle.rs); boxed, it holds a pointer and a
-    // request pays one allocation.
     // The protocol is the one ALPN settled in the handshake (`h2`, or HTTP/1.1 when the client
     // offered nothing else: h2 over TLS is negotiated by ALPN, RFC 9113 §3.2), so no bytes are
     // read ahead to guess it.
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    // Each answer is boxed: hyper's HTTP/1.1 server keeps room for one answer future for the
+    // connection's whole life, so unboxed, every idle keep-alive connection held the ~3.9 KB
+    // of a request's state machine (massif, benches/idle.rs); boxed, it holds a pointer and a
+    // request pays one allocation.
     let svc = service_fn(move |req| -> Answer {
         let busy = svc_activity.begin();
         if answers_tokens && token_endpoint::is_token_request(&target.host, &req) {
@@ -516,10 +516,10 @@ async fn intercept_tls<IO>(
         );
         Box::pin(idle::counted(busy, !h2, answer))
     });
-    // Each protocol's session runs in a task of its own and this one ends: a task keeps room for the largest state its future passes through, so serving
-    // in this task kept the CONNECT and handshake states, and the other protocol's, beside
-    // every idle keep-alive session (benches/idle.rs: 36.2 KiB a connection before, see the
-    // README for after).
+    // Each protocol's session runs in a task of its own and this one ends: a task keeps room
+    // for the largest state its future passes through, so serving in this task kept the
+    // CONNECT and handshake states, and the other protocol's, beside every idle keep-alive
+    // session (benches/idle.rs: 36.2 KiB a connection before, see the README for after).
     let session = Session {
         stop,
         reclaim: state.reclaim.subscribe(),
