@@ -292,6 +292,8 @@ pub async fn run(
             return;
         }
     };
+    let nodelay =
+        nodelay_inherited(&listener) && transparent.as_ref().is_none_or(nodelay_inherited);
     let (stop_tx, stop) = watch::channel(false);
     let (done_tx, done) = watch::channel(false);
     let balance = balance::Balance::new(workers);
@@ -301,6 +303,7 @@ pub async fn run(
         let worker = Worker {
             index,
             balance: balance.clone(),
+            nodelay,
         };
         match spawn_worker(
             worker,
@@ -349,6 +352,20 @@ pub async fn run(
 struct Worker {
     index: usize,
     balance: Arc<balance::Balance>,
+    /// Accepted connections come with TCP_NODELAY set (`nodelay_inherited`).
+    nodelay: bool,
+}
+
+/// Set TCP_NODELAY on a listening socket, and say whether the connections it accepts come
+/// with it set. Linux copies a listener's socket options to each connection it accepts
+/// (`sk_clone_lock` copies the whole socket, Nagle's flag with it; checked by the test
+/// below), which saves a `setsockopt` per connection. Elsewhere, `false`: each connection
+/// gets its own call.
+fn nodelay_inherited(listener: &std::net::TcpListener) -> bool {
+    cfg!(target_os = "linux")
+        && socket2::SockRef::from(listener)
+            .set_tcp_nodelay(true)
+            .is_ok()
 }
 
 /// Start `worker` on a thread of its own; the receiver resolves when it has stopped.
@@ -449,7 +466,9 @@ async fn accept_loop(
                 }
             }
         };
-        let _ = stream.set_nodelay(true);
+        if !worker.nodelay {
+            let _ = stream.set_nodelay(true);
+        }
         let admission = worker.balance.admit(worker.index, permit);
         let serve = if is_transparent {
             transparent::spawn
@@ -478,5 +497,30 @@ async fn accept(
     tokio::select! {
         r = listener.accept() => r.map(|(s, p)| (s, p, false)),
         r = t.accept() => r.map(|(s, p)| (s, p, true)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accept loop leaves out its per-connection `set_nodelay` when this says the listener
+    /// passes the option on: an answer's last segment must not wait for an ACK (Nagle).
+    #[test]
+    fn accepted_connections_come_with_nodelay_when_the_listener_says_so() {
+        let accepted_nodelay = |listener: &std::net::TcpListener| {
+            let addr = listener.local_addr().unwrap();
+            let _client = std::net::TcpStream::connect(addr).unwrap();
+            listener.accept().unwrap().0.nodelay().unwrap()
+        };
+        // Off by default: what follows tests the listener's option, not a default.
+        let plain = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(!accepted_nodelay(&plain));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let inherited = nodelay_inherited(&listener);
+        assert_eq!(inherited, cfg!(target_os = "linux"));
+        if inherited {
+            assert!(accepted_nodelay(&listener));
+        }
     }
 }
