@@ -359,19 +359,22 @@ impl std::task::Wake for Woken {
 
 /// `fut`, unless `limit` passes or the proxy reaches its connection cap first (the client
 /// has not finished its handshake, so it is idle by definition).
-pub(crate) async fn before_handshake<F: Future>(
-    fut: F,
+///
+/// `fut` comes pinned by the caller (`std::pin::pin!`), not by value: an async fn keeps an
+/// argument in its state beside the local it is moved to, so a handshake's ~5.7 KB future
+/// passed by value was held twice in every connection's task, and copied with it.
+pub(crate) async fn before_handshake<F: Future + Unpin>(
+    mut fut: F,
     limit: Duration,
     mut reclaim: watch::Receiver<u64>,
 ) -> Result<F::Output, Close> {
-    tokio::pin!(fut);
     let deadline = tokio::time::sleep(limit);
     tokio::pin!(deadline);
     // Whether the cap can still be signalled (the sender lives as long as the proxy).
     let mut watching = true;
     loop {
         tokio::select! {
-            r = fut.as_mut() => return Ok(r),
+            r = &mut fut => return Ok(r),
             _ = deadline.as_mut() => return Err(Close::Idle),
             r = reclaim.changed(), if watching => match r {
                 Ok(()) => return Err(Close::AtCap),

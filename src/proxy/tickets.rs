@@ -172,9 +172,11 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Coalesce<IO> {
 }
 
 /// Drive the server handshake `accept` on a [`Coalesce`], holding the writes that end it.
-pub(crate) async fn accept<IO>(
+/// A plain function returning the `poll_fn`, not an async one, which would hold `accept`
+/// twice (the argument and the closure's copy).
+pub(crate) fn accept<IO>(
     mut accept: tokio_rustls::Accept<Coalesce<IO>>,
-) -> io::Result<TlsStream<Coalesce<IO>>>
+) -> impl Future<Output = io::Result<TlsStream<Coalesce<IO>>>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -200,7 +202,6 @@ where
             }
         }
     })
-    .await
 }
 
 #[cfg(test)]

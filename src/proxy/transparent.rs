@@ -135,7 +135,7 @@ async fn serve(
     let port = state.config.transparent.as_ref().map_or(443, |t| t.port);
     let limits = &state.config.limits;
     let hello = match idle::before_handshake(
-        read_hello(&mut tcp),
+        std::pin::pin!(read_hello(&mut tcp)),
         limits.handshake_timeout,
         state.reclaim.subscribe(),
     )
