@@ -29,18 +29,10 @@ case $mode in
 esac
 listen_h2=http2
 [ "${UPSTREAM_H2:-1}" = 0 ] && listen_h2=
-host=storage.googleapis.com
-origin_port=$(free_port); emu_port=$(free_port); port_a=$(free_port); port_b=$(free_port)
-origin_certs "$host"
-origin nginx "$origin_port" $listen_h2
-proxy_files "$emu_port" "$port_a" "$host=$origin_port"
-cd "$work"
-"$A" ca init --config config.yaml --force >/dev/null
+port_a=$(free_port); port_b=$(free_port)
+stage "$A" "$port_a" $listen_h2
 sed "s/^listen: .*/listen: 127.0.0.1:$port_b/" config.yaml > config-b.yaml
 [ -n "${B_EXTRA:-}" ] && printf '%s\n' "$B_EXTRA" >> config-b.yaml
-"$A" emulator --policy policy.yaml --listen "127.0.0.1:$emu_port" >emulator.log 2>&1 &
-pids+=($!)
-wait_port "$emu_port"
 RUST_LOG=warn "$A" run --config config.yaml >proxy-a.log 2>&1 &
 pid_a=$!; pids+=($pid_a)
 RUST_LOG=warn "$B" run --config config-b.yaml >proxy-b.log 2>&1 &

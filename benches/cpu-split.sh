@@ -24,16 +24,8 @@ case ${MODE:-d} in
 esac
 listen_h2=http2
 [ "${UPSTREAM_H2:-1}" = 0 ] && listen_h2=
-host=storage.googleapis.com
-origin_port=$(free_port); emu_port=$(free_port); proxy_port=$(free_port)
-origin_certs "$host"
-origin nginx "$origin_port" $listen_h2
-proxy_files "$emu_port" "$proxy_port" "$host=$origin_port"
-cd "$work"
-"$bin" ca init --config config.yaml --force >/dev/null
-"$bin" emulator --policy policy.yaml --listen "127.0.0.1:$emu_port" >emulator.log 2>&1 &
-pids+=($!)
-wait_port "$emu_port"
+proxy_port=$(free_port)
+stage "$bin" "$proxy_port" $listen_h2
 RUST_LOG=warn "$bin" run --config config.yaml >proxy.log 2>&1 &
 proxy=$!
 pids+=($proxy)

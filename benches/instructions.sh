@@ -34,20 +34,10 @@ if [ "${UPSTREAM_H2:-1}" = 0 ]; then
     listen_h2=
 fi
 
-host=storage.googleapis.com
-origin_port=$(free_port); emu_port=$(free_port); proxy_port=$(free_port)
-
-# The origin: nginx with a certificate for the host from a CA of its own.
-origin_certs "$host"
-origin nginx "$origin_port" $listen_h2
-
-# The emulator, and the proxy under callgrind (counting from the start, zeroed after warm-up).
-proxy_files "$emu_port" "$proxy_port" "$host=$origin_port"
-cd "$work"
-"$bin" ca init --config config.yaml --force >/dev/null
-"$bin" emulator --policy policy.yaml --listen "127.0.0.1:$emu_port" >emulator.log 2>&1 &
-pids+=($!)
-wait_port "$emu_port"
+# The origin (nginx with a certificate for the host from a CA of its own) and the emulator;
+# then the proxy under callgrind (counting from the start, zeroed after warm-up).
+proxy_port=$(free_port)
+stage "$bin" "$proxy_port" $listen_h2
 RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$bin" run --config config.yaml \
     >proxy.log 2>valgrind.log &
 proxy_pid=$!

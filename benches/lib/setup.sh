@@ -105,3 +105,22 @@ upstream:
   resolve: { ${resolve%, } }
 EOF
 }
+
+# stage BIN PROXY_PORT [http2]: the set-up the scripts here share. In $work: nginx for
+# storage.googleapis.com ($host) on a port of its own ($origin_port; h2 too with `http2`), the
+# proxy's files routing the host there with a proxy on PROXY_PORT, the proxy's CA (ca.pem), and
+# the emulator running. Leaves the shell in $work.
+stage() {
+    local bin=$1 listen=$2 emu_port
+    host=storage.googleapis.com
+    origin_port=$(free_port)
+    emu_port=$(free_port)
+    origin_certs "$host"
+    origin nginx "$origin_port" ${3:-}
+    proxy_files "$emu_port" "$listen" "$host=$origin_port"
+    cd "$work"
+    "$bin" ca init --config config.yaml --force >/dev/null
+    "$bin" emulator --policy policy.yaml --listen "127.0.0.1:$emu_port" >emulator.log 2>&1 &
+    pids+=($!)
+    wait_port "$emu_port"
+}
