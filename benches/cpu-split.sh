@@ -9,8 +9,9 @@
 # The harness's set-up on a small scale (benches/lib/setup.sh): Debian's nginx with one worker
 # as the origin, one emulator, the proxy (default: the release build). oha runs test (a) (64
 # keep-alive clients), (c) (16 clients, a new connection per request) or (d) (one h2
-# connection, 100 streams) for 6 s, through the proxy or with DIRECT=1 straight to nginx; the
-# figures are read from /proc over the middle 3 s. Needs oha, nginx, openssl and python3.
+# connection, 100 streams) for 6 s, through the proxy or with DIRECT=1 straight to nginx; CPU
+# and switches are read from /proc over the middle 3 s, and divided by the rate of 200s over the
+# whole run. Needs oha, nginx, openssl and python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib/setup.sh
@@ -59,7 +60,13 @@ wait "$load"
 python3 - "$load" "$nginx_worker" "$proxy" "$(getconf CLK_TCK)" <<'EOF'
 import json, sys
 load, nginx, proxy, hz = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-rps = json.load(open("oha.json"))["summary"]["requestsPerSec"]
+# Answered requests (200s, as ab-cpu.sh counts them) over oha's whole run: the rate the
+# middle 3 s ran at, give or take the run's ramp.
+report = json.load(open("oha.json"))
+ok = report["statusCodeDistribution"].get("200", 0)
+if ok == 0:
+    sys.exit("no request was answered with 200; see proxy.log")
+rps = ok / report["summary"]["total"]
 def read(path):
     return {k: (name, int(t), int(v), int(n))
             for k, name, t, v, n in (line.split() for line in open(path))}
