@@ -876,3 +876,138 @@ async fn expect_100_continue_towards_http1_waits_for_the_origins_answer() {
     let _ = std::fs::remove_file(ca_file);
     sb.shutdown().await;
 }
+
+/// A client that sends its TLS client hello in the same write as its CONNECT, before the
+/// proxy's answer, as a client that does not wait for the 200 may. The CONNECT head goes out
+/// in front of the first write; on the read side the answer's head is taken off and kept.
+struct Eager {
+    tcp: tokio::net::TcpStream,
+    connect: Option<Vec<u8>>,
+    answer: Vec<u8>,
+    after_answer: Option<Vec<u8>>,
+}
+
+impl tokio::io::AsyncWrite for Eager {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Some(mut all) = this.connect.take() {
+            all.extend_from_slice(buf);
+            // A few hundred bytes to a fresh loopback socket: taken whole, in one segment.
+            let n = this.tcp.try_write(&all)?;
+            assert_eq!(
+                n,
+                all.len(),
+                "the CONNECT and the client hello in one write"
+            );
+            return std::task::Poll::Ready(Ok(buf.len()));
+        }
+        std::pin::Pin::new(&mut this.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+impl tokio::io::AsyncRead for Eager {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        while this.after_answer.is_none() {
+            let mut b = [0u8; 512];
+            let mut rb = tokio::io::ReadBuf::new(&mut b);
+            match std::pin::Pin::new(&mut this.tcp).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => this.answer.extend_from_slice(rb.filled()),
+                other => return other,
+            }
+            if let Some(end) = this.answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                this.after_answer = Some(this.answer.split_off(end + 4));
+            }
+        }
+        if let Some(rest) = this.after_answer.as_mut().filter(|r| !r.is_empty()) {
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            rest.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.tcp).poll_read(cx, buf)
+    }
+}
+
+/// A client hello that comes in the same read as its CONNECT is the TLS accept's first
+/// input, whichever path serves the CONNECT: the proxy's own (a plain CONNECT) or hyper's
+/// (here one with `Content-Length: 0`, which the quick path leaves to hyper), where what hyper
+/// read past the head is put back in front of the stream.
+#[tokio::test]
+async fn a_client_hello_in_the_same_write_as_its_connect_is_not_lost() {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sb = sandbox().await;
+    let pem = std::fs::read(sb.ca_path()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let host = "storage.googleapis.com";
+    for (extra, hyper_s) in [("", false), ("Content-Length: 0\r\n", true)] {
+        let tcp = tokio::net::TcpStream::connect(sb.server.proxy_addr())
+            .await
+            .unwrap();
+        let eager = Eager {
+            tcp,
+            connect: Some(
+                format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n{extra}\r\n").into(),
+            ),
+            answer: Vec::new(),
+            after_answer: None,
+        };
+        let name = rustls::pki_types::ServerName::try_from(host).unwrap();
+        // A client hello lost on the way would leave the handshake waiting for ever.
+        let mut tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, eager))
+            .await
+            .expect("the handshake finished")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&tls.get_ref().0.answer).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        // hyper's answer carries a date; the quick path's does not. Either way, the path
+        // this case is about was taken.
+        assert_eq!(answer.contains("date:"), hyper_s, "{answer}");
+        tls.write_all(
+            format!("GET /storage/v1/b/prod-logs/o HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut response = Vec::new();
+        tls.read_to_end(&mut response).await.unwrap();
+        let response = String::from_utf8_lossy(&response);
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains(READER), "{response}");
+    }
+    assert_eq!(sb.origin.seen().len(), 2);
+    sb.shutdown().await;
+}

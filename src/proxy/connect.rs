@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_rustls::LazyConfigAcceptor;
@@ -22,6 +22,7 @@ use super::balance::Admission;
 use super::error::{to_response, ProxyError};
 use super::forward::{self, Target};
 use super::idle::{self, Activity, TunnelEnd};
+use super::transparent::Rewound;
 use super::upstream::UpstreamClient;
 use super::{tickets, token_endpoint};
 use super::{Body, ProxyState};
@@ -75,62 +76,265 @@ pub(crate) fn spawn_client(
     admission: Admission,
 ) {
     let span = tracing::debug_span!("conn", client = %peer);
-    tokio::spawn(
-        async move {
-            let permit = Arc::new(ConnectionSlot::new(admission, state.clone()));
-            let limits = &state.config.limits;
-            let mut http = hyper::server::conn::http1::Builder::new();
-            // The request head's deadline is the watchdog's (`idle::serve`), not a timer
-            // hyper arms for every head.
-            http.header_read_timeout(None)
-                .max_buf_size(limits.max_header_bytes.max(8192))
-                .max_header_size(limits.max_header_bytes)
-                .max_headers(limits.max_headers)
-                .keep_alive(true);
-            let activity = Arc::new(Activity::default());
-            let svc_state = state.clone();
-            let svc_stop = stop.clone();
-            let svc_activity = activity.clone();
-            let svc = service_fn(move |mut req| {
-                let busy = svc_activity.begin();
-                let (state, upstream, stop, permit) = (
-                    svc_state.clone(),
-                    upstream.clone(),
-                    svc_stop.clone(),
-                    permit.clone(),
-                );
-                let answer = async move {
-                    // Gateway mode: who is asking, before anything else (crate::clients).
-                    let client = match crate::clients::admit(&mut req, peer, &state).await {
-                        Ok(c) => c,
-                        Err(resp) => return Ok(resp),
-                    };
-                    handle(req, peer, client, state, upstream, stop, permit).await
-                };
-                idle::counted(busy, true, answer)
-            });
-            let conn = http
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            // On shutdown, when idle, or idle at the cap: finish the request in flight, then
-            // close. An upgraded CONNECT has already left this future and lives on its own.
-            let reclaim = state.reclaim.subscribe();
-            let result = idle::serve(
-                Box::pin(conn),
-                stop,
-                reclaim,
-                &activity,
-                limits.idle_timeout,
-                Some(limits.header_read_timeout),
-                |c| c.graceful_shutdown(),
-            )
-            .await;
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "client connection ended with an error");
+    tokio::spawn(serve_client(stream, peer, state, upstream, stop, admission).instrument(span));
+}
+
+/// One client connection, from its first byte to its end (`spawn_client`).
+async fn serve_client(
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ProxyState>,
+    upstream: Arc<UpstreamClient>,
+    stop: watch::Receiver<bool>,
+    admission: Admission,
+) {
+    let permit = Arc::new(ConnectionSlot::new(admission, state.clone()));
+    let mut stream = stream;
+    let mut stop = stop;
+    let mut head = Vec::new();
+    match first_head(&mut stream, &mut head, peer, &state, &mut stop).await {
+        First::Closed => return,
+        First::Other => {}
+        First::Connect(target) => {
+            if let Err(e) = stream.write_all(CONNECTED).await {
+                tracing::debug!(error = %e, "client went before the CONNECT answer");
+                return;
+            }
+            // Whatever the client sent after its CONNECT (a client hello, early) is
+            // read again by the TLS accept.
+            head.drain(..target.head_len);
+            if head.is_empty() {
+                // Nothing to replay: the buffer goes now, not with the connection.
+                head = Vec::new();
+            }
+            let conn = Intercepted {
+                host: target.host,
+                port: target.port,
+                peer,
+                client: target.client,
+                state: state.clone(),
+                upstream,
+            };
+            session(Rewound::new(head, stream), None, conn, stop, permit).await;
+            return;
+        }
+    }
+    // Boxed: its state and its code stay apart from the quick path's, which nearly every
+    // connection takes.
+    Box::pin(serve_http(
+        Rewound::new(head, stream),
+        peer,
+        state,
+        upstream,
+        stop,
+        permit,
+    ))
+    .await;
+}
+
+/// hyper serves a client connection from its first byte, those `first_head` read included.
+async fn serve_http(
+    stream: Rewound<TcpStream>,
+    peer: SocketAddr,
+    state: Arc<ProxyState>,
+    upstream: Arc<UpstreamClient>,
+    stop: watch::Receiver<bool>,
+    permit: Arc<ConnectionSlot>,
+) {
+    let limits = &state.config.limits;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The request head's deadline is the watchdog's (`idle::serve`), not a timer
+    // hyper arms for every head.
+    http.header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_header_size(limits.max_header_bytes)
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    let activity = Arc::new(Activity::default());
+    let svc_state = state.clone();
+    let svc_stop = stop.clone();
+    let svc_activity = activity.clone();
+    let svc = service_fn(move |mut req| {
+        let busy = svc_activity.begin();
+        let (state, upstream, stop, permit) = (
+            svc_state.clone(),
+            upstream.clone(),
+            svc_stop.clone(),
+            permit.clone(),
+        );
+        let answer = async move {
+            // Gateway mode: who is asking, before anything else (crate::clients).
+            let client = match crate::clients::admit(&mut req, peer, &state).await {
+                Ok(c) => c,
+                Err(resp) => return Ok(resp),
+            };
+            handle(req, peer, client, state, upstream, stop, permit).await
+        };
+        idle::counted(busy, true, answer)
+    });
+    let conn = http
+        .serve_connection(TokioIo::new(stream), svc)
+        .with_upgrades();
+    // On shutdown, when idle, or idle at the cap: finish the request in flight, then
+    // close. An upgraded CONNECT has already left this future and lives on its own.
+    let reclaim = state.reclaim.subscribe();
+    let result = idle::serve(
+        Box::pin(conn),
+        stop,
+        reclaim,
+        &activity,
+        limits.idle_timeout,
+        Some(limits.header_read_timeout),
+        |c| c.graceful_shutdown(),
+    )
+    .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// The answer to a CONNECT the proxy serves: the tunnel is open from here on.
+const CONNECTED: &[u8] = b"HTTP/1.1 200 OK\r\n\r\n";
+
+/// What a client connection's first bytes turned out to be.
+enum First {
+    /// Closed, shut down or timed out before a whole request head came; nothing to answer.
+    Closed,
+    /// A CONNECT to a host the proxy intercepts, from a client let in without credentials:
+    /// served without hyper (`first_head`).
+    Connect(QuickConnect),
+    /// Anything else: hyper serves the connection from its first byte.
+    Other,
+}
+
+struct QuickConnect {
+    host: String,
+    port: u16,
+    client: ClientRef,
+    /// The CONNECT head's length; what follows it in the buffer came after it.
+    head_len: usize,
+}
+
+/// Read a client connection's first request head into `buf`, and say whether it is a CONNECT
+/// to an intercepted host that needs nothing from hyper: HTTP/1.1, no body, no
+/// `Proxy-Authorization`, a port in `allowed_ports`, a client admitted by its address (or no
+/// `clients` at all). That is every `HTTPS_PROXY` client's first (and only) request on a
+/// connection, and serving it here saves hyper's connection state (two 8 KB buffers), the
+/// upgrade hand-over and a task per intercepted connection. Anything else, refusals and their
+/// answers included, goes to hyper with the bytes read so far, and takes the path it always
+/// did. The head must come within `limits.header_read_timeout` and before shutdown; a
+/// connection still waiting for it at the connection cap is closed, as an idle one.
+async fn first_head(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    peer: SocketAddr,
+    state: &Arc<ProxyState>,
+    stop: &mut watch::Receiver<bool>,
+) -> First {
+    let limits = &state.config.limits;
+    let max = limits.max_header_bytes;
+    let read = async {
+        loop {
+            let room = max.saturating_sub(buf.len());
+            if room == 0 {
+                return Ok(None);
+            }
+            if buf.len() == buf.capacity() {
+                buf.reserve(buf.capacity().max(512).min(room));
+            }
+            let n = (&mut *stream).take(room as u64).read_buf(&mut *buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            match quick_connect(buf) {
+                Parsed::Partial => {}
+                Parsed::Connect(head_len, authority) => return Ok(Some((head_len, authority))),
+                Parsed::Other => return Ok(None),
             }
         }
-        .instrument(span),
-    );
+    };
+    let mut reclaim = state.reclaim.subscribe();
+    let head: std::io::Result<Option<(usize, http::uri::Authority)>> = tokio::select! {
+        biased;
+        r = read => r,
+        _ = stop.wait_for(|s| *s) => return First::Closed,
+        Ok(()) = reclaim.changed() => return First::Closed,
+        () = tokio::time::sleep(limits.header_read_timeout) => {
+            tracing::debug!(
+                "closing a client connection: no request head within limits.header_read_timeout"
+            );
+            return First::Closed;
+        }
+    };
+    let (head_len, authority) = match head {
+        Ok(Some(h)) => h,
+        Ok(None) => return First::Other,
+        Err(e) => {
+            tracing::debug!(error = %e, "client connection ended before its first request");
+            return First::Closed;
+        }
+    };
+    let uri = http::Uri::from(authority);
+    let Ok((host, port)) = authority_of(&uri, None, state) else {
+        return First::Other;
+    };
+    if !matches!(intercepts(&host, state), Ok(true)) {
+        return First::Other;
+    }
+    let live = state.live.load_full();
+    match live
+        .clients
+        .identify(live.generation, peer.ip(), None)
+        .await
+    {
+        Ok(client) => First::Connect(QuickConnect {
+            host,
+            port,
+            client,
+            head_len,
+        }),
+        Err(_) => First::Other,
+    }
+}
+
+/// A request head parsed far enough to say which path serves it.
+enum Parsed {
+    Partial,
+    /// A CONNECT the quick path may take: the head's length and its target.
+    Connect(usize, http::uri::Authority),
+    Other,
+}
+
+/// Parse `buf` as a request head (`httparse`, as hyper does) and say whether it is a CONNECT
+/// `first_head` may serve: HTTP/1.1, an authority-form target, and none of `Content-Length`,
+/// `Transfer-Encoding` or `Proxy-Authorization`. More than 32 header fields is not such a
+/// CONNECT either: hyper applies `limits.max_headers` to it.
+fn quick_connect(buf: &[u8]) -> Parsed {
+    let mut fields = [httparse::EMPTY_HEADER; 32];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(_) => return Parsed::Other,
+    };
+    if req.method != Some("CONNECT") || req.version != Some(1) {
+        return Parsed::Other;
+    }
+    let handled_by_hyper = ["content-length", "transfer-encoding", "proxy-authorization"];
+    if req.headers.iter().any(|f| {
+        handled_by_hyper
+            .iter()
+            .any(|n| f.name.eq_ignore_ascii_case(n))
+    }) {
+        return Parsed::Other;
+    }
+    match req
+        .path
+        .and_then(|p| http::uri::Authority::try_from(p).ok())
+    {
+        Some(authority) => Parsed::Connect(len, authority),
+        None => Parsed::Other,
+    }
 }
 
 async fn handle(
@@ -302,7 +506,16 @@ async fn connect(
                 return;
             }
         };
-        session(TokioIo::new(upgraded), upstream, conn, stop, permit).await;
+        // The stream hyper was given (`serve_http`), with what hyper read past the CONNECT's
+        // head put back in front: every session runs on the same stream type.
+        let io = match upgraded.downcast::<TokioIo<Rewound<TcpStream>>>() {
+            Ok(parts) => parts.io.into_inner().put_back(&parts.read_buf),
+            Err(_) => {
+                tracing::error!("CONNECT upgrade: not the stream the connection was served on");
+                return;
+            }
+        };
+        session(io, upstream, conn, stop, permit).await;
     });
     let mut resp = Response::new(Empty::new().map_err(|never| match never {}).boxed());
     *resp.status_mut() = StatusCode::OK;
@@ -665,17 +878,59 @@ mod tests {
         fn state_of<A, B, C, D, F: std::future::Future>(_: fn(A, B, C, D) -> F) -> usize {
             std::mem::size_of::<F>()
         }
-        for (what, bytes) in [
-            (
-                "upgraded",
-                state_of(intercept_tls::<TokioIo<hyper::upgrade::Upgraded>>),
-            ),
-            (
-                "transparent",
-                state_of(intercept_tls::<super::super::transparent::Rewound<TcpStream>>),
-            ),
+        // Every session runs on this stream: a CONNECT served by `first_head` or by hyper
+        // (put back together from the upgrade), and a transparent connection.
+        let bytes = state_of(intercept_tls::<Rewound<TcpStream>>);
+        assert!(bytes <= 3 * 1024, "intercept_tls is {bytes} bytes");
+        fn task_of<A, B, C, D, E, G, F: std::future::Future>(
+            _: fn(A, B, C, D, E, G) -> F,
+        ) -> usize {
+            std::mem::size_of::<F>()
+        }
+        let bytes = task_of(serve_client);
+        assert!(bytes <= 3 * 1024, "serve_client is {bytes} bytes");
+    }
+
+    #[test]
+    fn only_a_plain_connect_takes_the_quick_path() {
+        let quick = |head: &str| match quick_connect(head.as_bytes()) {
+            Parsed::Connect(len, authority) => Some((len, authority.to_string())),
+            Parsed::Partial => None,
+            Parsed::Other => Some((0, "other".into())),
+        };
+        let plain = "CONNECT storage.googleapis.com:443 HTTP/1.1\r\nHost: storage.googleapis.com:443\r\n\r\n";
+        assert_eq!(
+            quick(plain),
+            Some((plain.len(), "storage.googleapis.com:443".into()))
+        );
+        // What came after the head is not part of it.
+        assert_eq!(
+            quick(&format!("{plain}\x16\x03\x01")).map(|(n, _)| n),
+            Some(plain.len())
+        );
+        // Not all there yet.
+        assert_eq!(
+            quick("CONNECT storage.googleapis.com:443 HTTP/1.1\r\nHost: x"),
+            None
+        );
+        assert_eq!(quick("CONN"), None);
+        // hyper's: other methods and versions, a body, credentials, a target that is no
+        // authority, malformed heads, more fields than the quick path reads.
+        let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+        for head in [
+            "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n".to_string(),
+            "CONNECT example.com:443 HTTP/1.0\r\n\r\n".into(),
+            "CONNECT example.com:443 HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".into(),
+            "CONNECT example.com:443 HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+            "CONNECT example.com:443 HTTP/1.1\r\nproxy-authorization: Basic eDp5\r\n\r\n".into(),
+            "CONNECT /path HTTP/1.1\r\n\r\n".into(),
+            "CONNECT http://example.com:443/ HTTP/1.1\r\n\r\n".into(),
+            "connect example.com:443 HTTP/1.1\r\n\r\n".into(),
+            "CONNECT example.com:443 HTTP/1.1\r\nBad Field: x\r\n\r\n".into(),
+            "\x16\x03\x01\x02\x00\x01\x00\x01\x7c\x03\x03".into(),
+            format!("CONNECT example.com:443 HTTP/1.1\r\n{many}\r\n"),
         ] {
-            assert!(bytes <= 3 * 1024, "intercept_tls ({what}) is {bytes} bytes");
+            assert_eq!(quick(&head), Some((0, "other".into())), "{head:?}");
         }
     }
 

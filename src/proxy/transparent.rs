@@ -352,6 +352,31 @@ impl<T> Rewound<T> {
     }
 }
 
+impl<T> Rewound<T> {
+    /// The stream underneath, with what is still to be replayed.
+    pub fn into_parts(self) -> (Vec<u8>, T) {
+        let Rewound {
+            mut prefix,
+            at,
+            inner,
+        } = self;
+        prefix.drain(..at.min(prefix.len()));
+        (prefix, inner)
+    }
+
+    /// `bytes` to be read first, before whatever was still to be replayed.
+    pub fn put_back(self, bytes: &[u8]) -> Rewound<T> {
+        let (rest, inner) = self.into_parts();
+        if bytes.is_empty() {
+            return Rewound::new(rest, inner);
+        }
+        let mut prefix = Vec::with_capacity(bytes.len() + rest.len());
+        prefix.extend_from_slice(bytes);
+        prefix.extend_from_slice(&rest);
+        Rewound::new(prefix, inner)
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for Rewound<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
