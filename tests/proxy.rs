@@ -959,19 +959,9 @@ impl tokio::io::AsyncRead for Eager {
 /// read past the head is put back in front of the stream.
 #[tokio::test]
 async fn a_client_hello_in_the_same_write_as_its_connect_is_not_lost() {
-    use rustls::pki_types::pem::PemObject;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let sb = sandbox().await;
-    let pem = std::fs::read(sb.ca_path()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let mut cfg = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let connector = proxy_tls(&sb, &[b"http/1.1"]);
     let host = "storage.googleapis.com";
     for (extra, hyper_s) in [("", false), ("Content-Length: 0\r\n", true)] {
         let tcp = tokio::net::TcpStream::connect(sb.server.proxy_addr())

@@ -76,7 +76,13 @@ pub(crate) fn spawn_client(
     admission: Admission,
 ) {
     let span = tracing::debug_span!("conn", client = %peer);
-    tokio::spawn(serve_client(stream, peer, state, upstream, stop, admission).instrument(span));
+    tokio::spawn(
+        async move {
+            let permit = Arc::new(ConnectionSlot::new(admission, state.clone()));
+            serve_client(stream, peer, state, upstream, stop, permit).await;
+        }
+        .instrument(span),
+    );
 }
 
 /// One client connection, from its first byte to its end (`spawn_client`).
@@ -86,9 +92,8 @@ async fn serve_client(
     state: Arc<ProxyState>,
     upstream: Arc<UpstreamClient>,
     stop: watch::Receiver<bool>,
-    admission: Admission,
+    permit: Arc<ConnectionSlot>,
 ) {
-    let permit = Arc::new(ConnectionSlot::new(admission, state.clone()));
     let mut stream = stream;
     let mut stop = stop;
     let mut head = Vec::new();
@@ -882,12 +887,7 @@ mod tests {
         // (put back together from the upgrade), and a transparent connection.
         let bytes = state_of(intercept_tls::<Rewound<TcpStream>>);
         assert!(bytes <= 3 * 1024, "intercept_tls is {bytes} bytes");
-        fn task_of<A, B, C, D, E, G, F: std::future::Future>(
-            _: fn(A, B, C, D, E, G) -> F,
-        ) -> usize {
-            std::mem::size_of::<F>()
-        }
-        let bytes = task_of(serve_client);
+        let bytes = super::super::future_size(serve_client);
         assert!(bytes <= 3 * 1024, "serve_client is {bytes} bytes");
     }
 

@@ -486,6 +486,13 @@ async fn accept_loop(
     }
 }
 
+/// The size of the future `f` returns, which a task spawned with it holds: for the tests that
+/// keep a connection's task small.
+#[cfg(test)]
+pub(crate) fn future_size<A, B, C, D, E, G, F: Future>(_: fn(A, B, C, D, E, G) -> F) -> usize {
+    std::mem::size_of::<F>()
+}
+
 /// The next connection on either listener; `true` when it came to the transparent one.
 async fn accept(
     listener: &TcpListener,

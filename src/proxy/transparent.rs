@@ -440,12 +440,7 @@ mod tests {
     /// and the handshake's futures held twice (see `connect::intercept_tls`).
     #[test]
     fn a_transparent_connection_s_state_stays_small() {
-        fn state_of<A, B, C, D, E, G, F: std::future::Future>(
-            _: fn(A, B, C, D, E, G) -> F,
-        ) -> usize {
-            std::mem::size_of::<F>()
-        }
-        let bytes = state_of(serve);
+        let bytes = super::super::future_size(serve);
         assert!(bytes <= 3 * 1024, "transparent::serve is {bytes} bytes");
     }
 

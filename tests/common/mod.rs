@@ -132,6 +132,20 @@ pub async fn tls_via_proxy(
     host: &str,
     alpn: &[&[u8]],
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let mut tcp = tokio::net::TcpStream::connect(sb.server.proxy_addr())
+        .await
+        .unwrap();
+    tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let answer = read_head(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
+    proxy_tls(sb, alpn).connect(name, tcp).await.unwrap()
+}
+
+/// A TLS client trusting only the proxy's CA, offering `alpn`.
+pub fn proxy_tls(sb: &Sandbox, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
     use rustls::pki_types::pem::PemObject;
     let pem = std::fs::read(sb.ca_path()).unwrap();
     let mut roots = rustls::RootCertStore::empty();
@@ -142,19 +156,7 @@ pub async fn tls_via_proxy(
         .with_root_certificates(roots)
         .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let mut tcp = tokio::net::TcpStream::connect(sb.server.proxy_addr())
-        .await
-        .unwrap();
-    tcp.write_all(format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let answer = read_head(&mut tcp).await;
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    let name = rustls::pki_types::ServerName::try_from(host.to_string()).unwrap();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
-        .connect(name, tcp)
-        .await
-        .unwrap()
 }
 
 /// Read an HTTP/1.1 head, byte by byte, up to and including its blank line.
