@@ -353,20 +353,14 @@ impl<T> Rewound<T> {
 }
 
 impl<T> Rewound<T> {
-    /// The stream underneath, with what is still to be replayed.
-    pub fn into_parts(self) -> (Vec<u8>, T) {
+    /// `bytes` to be read first, before whatever was still to be replayed.
+    pub fn put_back(self, bytes: &[u8]) -> Rewound<T> {
         let Rewound {
-            mut prefix,
+            prefix: mut rest,
             at,
             inner,
         } = self;
-        prefix.drain(..at.min(prefix.len()));
-        (prefix, inner)
-    }
-
-    /// `bytes` to be read first, before whatever was still to be replayed.
-    pub fn put_back(self, bytes: &[u8]) -> Rewound<T> {
-        let (rest, inner) = self.into_parts();
+        rest.drain(..at.min(rest.len()));
         if bytes.is_empty() {
             return Rewound::new(rest, inner);
         }
